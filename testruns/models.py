@@ -1,0 +1,295 @@
+"""The domain: providers, prompt cards and their versions, test cases, runs, results, and the
+rows behind the concurrency gate. Behaviour lives in the service modules, not here."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+from django.db.models import Q
+from django.urls import reverse
+
+
+def tag_list() -> ArrayField:
+    return ArrayField(models.CharField(max_length=50), default=list, blank=True,
+                      help_text="Comma-separated tags.")
+
+
+class Provider(models.Model):
+    class Kind(models.TextChoices):
+        OPENAI = "openai", "OpenAI-compatible HTTP (OpenAI, Ollama, vLLM, LM Studio, ...)"
+        ANTHROPIC = "anthropic", "Anthropic"
+        COMMAND = "command", "Local command"
+        SIMULATOR = "simulator", "Simulator (fake, for demos and benchmarks)"
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.SIMULATOR)
+    model = models.CharField(max_length=200, blank=True)
+    base_url = models.URLField(blank=True, help_text="For OpenAI-compatible servers.")
+    api_key_env = models.CharField(
+        "API key environment variable", max_length=100, blank=True,
+        help_text="The NAME of the environment variable that holds the key; never the key.",
+    )
+    command = models.CharField(
+        max_length=500, blank=True,
+        help_text="For local commands: the program and its arguments; run without a shell, "
+                  "prompt on stdin, answer on stdout.",
+    )
+    parameters = models.JSONField(
+        default=dict, blank=True,
+        help_text="Default request parameters, e.g. {\"temperature\": 0}. For the simulator: "
+                  "latency_ms, jitter_ms, error_rate.",
+    )
+    max_concurrency = models.PositiveIntegerField(
+        default=4, help_text="Calls in flight to this provider across all runs.")
+    price_input_per_mtok = models.DecimalField(
+        "price per million input tokens", max_digits=12, decimal_places=4, default=0)
+    price_output_per_mtok = models.DecimalField(
+        "price per million output tokens", max_digits=12, decimal_places=4, default=0)
+    timeout_seconds = models.FloatField(default=60)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        label = f"{self.name} ({self.model})" if self.model else self.name
+        return f"{label} [simulated]" if self.kind == self.Kind.SIMULATOR else label
+
+    @property
+    def is_simulated(self) -> bool:
+        return self.kind == self.Kind.SIMULATOR
+
+
+class PromptCard(models.Model):
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=200, unique=True)
+    description = models.TextField(blank=True)
+    tags = tag_list()
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                              on_delete=models.SET_NULL, related_name="prompt_cards")
+    system_prompt = models.TextField(blank=True)
+    template = models.TextField(help_text="Jinja2 template; test case variables fill it in.")
+    baseline_run = models.ForeignKey("TestRun", null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+", help_text="Pinned baseline for reports.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("admin:testruns_promptcard_change", args=[self.pk])
+
+
+class PromptVersion(models.Model):
+    """An immutable snapshot of a card's prompt; a run pins the one it ran."""
+
+    card = models.ForeignKey(PromptCard, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    system_prompt = models.TextField(blank=True)
+    template = models.TextField()
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                               on_delete=models.SET_NULL, related_name="+")
+    change_note = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["card", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["card", "number"], name="unique_version_number"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.card} v{self.number}"
+
+
+class TestCase(models.Model):
+    card = models.ForeignKey(PromptCard, on_delete=models.CASCADE, related_name="cases")
+    name = models.CharField(max_length=200)
+    variables = models.JSONField(default=dict, blank=True)
+    assertions = models.JSONField(default=list, blank=True)
+    threshold = models.FloatField(
+        null=True, blank=True,
+        help_text="If set, the case passes when the weighted assertion score reaches it.")
+    tags = tag_list()
+    enabled = models.BooleanField(default=True)
+    order = models.IntegerField(default=0)
+
+    class Meta:
+        ordering = ["card", "order", "id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class TestRun(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        ERROR = "error"
+        CANCELLED = "cancelled"
+
+    class Phase(models.TextChoices):
+        WAITING = "waiting"
+        GENERATING = "generating"
+        VALIDATING = "validating"
+        DONE = "done"
+
+    FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.ERROR, Status.CANCELLED)
+
+    card = models.ForeignKey(PromptCard, on_delete=models.PROTECT, related_name="runs")
+    version = models.ForeignKey(PromptVersion, on_delete=models.PROTECT, related_name="runs")
+    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="runs")
+    launched_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                    on_delete=models.SET_NULL, related_name="test_runs")
+    comparison_group = models.UUIDField(null=True, blank=True, db_index=True)
+
+    # Configuration
+    priority = models.IntegerField(default=0, help_text="Higher runs first.")
+    max_concurrent_tests = models.PositiveIntegerField(default=4)
+    timeout_seconds = models.FloatField(default=60)
+    stop_on_failure = models.BooleanField(default=False)
+    max_retries = models.PositiveIntegerField(default=2)
+    use_cache = models.BooleanField(default=False)
+    repeats = models.PositiveIntegerField(default=1)
+
+    # State
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
+    phase = models.CharField(max_length=20, choices=Phase.choices, default=Phase.WAITING)
+    cancel_requested = models.BooleanField(default=False)
+    queued_at = models.DateTimeField(auto_now_add=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True,
+                                         help_text="When its message reached the broker.")
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error_message = models.TextField(blank=True)
+    event_seq = models.PositiveBigIntegerField(default=0)
+
+    # Totals, kept current while the run goes
+    total_cases = models.PositiveIntegerField(default=0)
+    done_count = models.PositiveIntegerField(default=0)
+    passed_count = models.PositiveIntegerField(default=0)
+    failed_count = models.PositiveIntegerField(default=0)
+    error_count = models.PositiveIntegerField(default=0)
+    tokens_in = models.PositiveBigIntegerField(default=0)
+    tokens_out = models.PositiveBigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=6, default=0)
+
+    class Meta:
+        ordering = ["-queued_at"]
+        permissions = [
+            ("launch_testrun", "Can launch test runs"),
+            ("cancel_testrun", "Can cancel test runs"),
+        ]
+        indexes = [
+            models.Index(fields=["-priority", "queued_at"], name="run_queue_order",
+                         condition=Q(status="queued")),
+            models.Index(fields=["card", "provider", "-finished_at"], name="run_card_history"),
+            models.Index(fields=["status", "-queued_at"], name="run_status_recent"),
+            models.Index(fields=["launched_by", "-queued_at"], name="run_launcher_recent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Run #{self.pk} of {self.card}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("run-detail", args=[self.pk])
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+
+class TestResult(models.Model):
+    """One per (run, case). The case's variables and assertions are copied in, so a report
+    still shows what was tested after the case is edited or deleted."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        PASSED = "passed"
+        FAILED = "failed"
+        ERROR = "error"
+        SKIPPED = "skipped"
+
+    DONE = (Status.PASSED, Status.FAILED, Status.ERROR, Status.SKIPPED)
+
+    run = models.ForeignKey(TestRun, on_delete=models.CASCADE, related_name="results")
+    case = models.ForeignKey(TestCase, null=True, on_delete=models.SET_NULL, related_name="+")
+    position = models.PositiveIntegerField()
+    case_name = models.CharField(max_length=200)
+    variables = models.JSONField(default=dict)
+    assertions = models.JSONField(default=list)
+    threshold = models.FloatField(null=True, blank=True)
+
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    prompt = models.TextField(blank=True)
+    output = models.TextField(blank=True)
+    assertion_results = models.JSONField(default=list, blank=True)
+    score = models.FloatField(null=True, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    tokens_in = models.PositiveIntegerField(default=0)
+    tokens_out = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=6, default=0)
+    attempts = models.PositiveIntegerField(default=0)
+    repeat_passes = models.PositiveIntegerField(default=0)
+    cached = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "case"], name="one_result_per_run_case"),
+            models.UniqueConstraint(fields=["run", "position"], name="one_result_per_position"),
+        ]
+        indexes = [models.Index(fields=["run", "status"], name="result_run_status")]
+
+    def __str__(self) -> str:
+        return f"{self.case_name} in run #{self.run_id}"
+
+
+class Semaphore(models.Model):
+    """A counting semaphore: at most `limit` live leases. The row is the lock."""
+
+    name = models.CharField(max_length=200, unique=True)
+    limit = models.PositiveIntegerField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} (limit {self.limit})"
+
+
+class Lease(models.Model):
+    """One held slot. Its holder heartbeats `expires_at` forward; a dead holder's lease runs
+    out and the sweeper reclaims it. Times come from the database clock."""
+
+    semaphore = models.ForeignKey(Semaphore, on_delete=models.CASCADE, related_name="leases")
+    holder = models.CharField(max_length=200)
+    run = models.ForeignKey(TestRun, null=True, blank=True, on_delete=models.CASCADE,
+                            related_name="leases")
+    result = models.ForeignKey(TestResult, null=True, blank=True, on_delete=models.CASCADE,
+                               related_name="leases")
+    acquired_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["semaphore", "expires_at"], name="lease_live"),
+            models.Index(fields=["expires_at"], name="lease_expiry"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.semaphore.name} held by {self.holder}"
