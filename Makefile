@@ -22,6 +22,9 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	@$(PY) -m project.stack test -- $(ARGS)
 
+bench: $(VENV)/.installed
+	@$(PY) -m project.stack exec -- $(PY) bench/engine_bench.py
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

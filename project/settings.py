@@ -139,10 +139,16 @@ DRAMATIQ_BROKER = {
         "dramatiq.middleware.AsyncIO",
         "dramatiq.middleware.ShutdownNotifications",
         "django_dramatiq.middleware.DbConnectionsMiddleware",
+        "testruns.worker.LeaseKeeper",
     ],
 }
 DRAMATIQ_AUTODISCOVER_MODULES = ["actors"]
 DRAMATIQ_TASKS_DATABASE = "default"
+
+# An idle Dramatiq consumer polls Redis with a backoff capped at this many milliseconds
+# (Dramatiq's default, 1000, would add up to a second before an idle worker sees a case).
+# Dramatiq reads it from its own environment variable when `rundramatiq` execs it.
+os.environ.setdefault("dramatiq_worker_timeout", str(env_int("WORKER_POLL_MS", 50)))
 
 WORKER_PROCESSES = env_int("WORKER_PROCESSES", 2)
 WORKER_THREADS = env_int("WORKER_THREADS", 8)
@@ -150,6 +156,11 @@ WORKER_THREADS = env_int("WORKER_THREADS", 8)
 # --- Product settings -----------------------------------------------------------------------
 
 MAX_CONCURRENT_RUNS = env_int("MAX_CONCURRENT_RUNS", 3)
+# 0 means no per-user limit on runs in flight (then editable as the "runs-per-user" semaphore).
+MAX_RUNS_PER_USER = env_int("MAX_RUNS_PER_USER", 0)
+# A case lease whose worker stops heartbeating is reclaimed after this long.
+LEASE_TTL_SECONDS = env_float("LEASE_TTL_SECONDS", 30.0)
+SWEEP_INTERVAL_SECONDS = env_float("SWEEP_INTERVAL_SECONDS", 2.0)
 
 # --- Auth, i18n, static ---------------------------------------------------------------------
 

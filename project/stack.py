@@ -1,7 +1,8 @@
 """The process supervisor behind `make run` and `make test`.
 
-    python -m project.stack run            # whole app: services, migrations, demo data, web, workers
+    python -m project.stack run            # services, migrations, demo data, web, workers
     python -m project.stack test -- ARGS   # throwaway services, then pytest ARGS
+    python -m project.stack exec -- CMD    # throwaway services, then CMD (benchmarks)
 
 PostgreSQL and Redis start from their pip wheels unless DATABASE_URL / REDIS_URL are set.
 Every child runs in its own session, so Ctrl-C reaches only this supervisor, which then
@@ -133,7 +134,7 @@ def run() -> int:
             Child("workers", [sys.executable, "manage.py", "rundramatiq",
                               "--processes", env.get("WORKER_PROCESSES", "2"),
                               "--threads", env.get("WORKER_THREADS", "8"),
-                              "--worker-shutdown-timeout", "10000"], env),
+                              "--worker-shutdown-timeout", "8000"], env),
         ]
         for child in reversed(children):
             stack.callback(child.stop)
@@ -146,19 +147,19 @@ def run() -> int:
     return 0
 
 
-def test(pytest_args: list[str]) -> int:
+def with_throwaway_services(command: list[str]) -> int:
+    """Run `command` against fresh PostgreSQL and Redis that are removed afterwards."""
     data = VAR / "test" / f"stack-{os.getpid()}"
     env = dict(os.environ)
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, data, ignore_errors=True)
         start_services(stack, env, data=data, durable=False)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        return subprocess.run([sys.executable, "-m", "pytest", *pytest_args], env=env,
-                              cwd=ROOT).returncode
+        return subprocess.run(command, env=env, cwd=ROOT).returncode
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"run", "test"}:
+    if not argv or argv[0] not in {"run", "test", "exec"}:
         print(__doc__)
         return 2
     if argv[0] == "run":
@@ -166,7 +167,9 @@ def main(argv: list[str]) -> int:
     rest = argv[1:]
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    return test(rest)
+    if argv[0] == "test":
+        return with_throwaway_services([sys.executable, "-m", "pytest", *rest])
+    return with_throwaway_services(rest)
 
 
 if __name__ == "__main__":

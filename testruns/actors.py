@@ -1,13 +1,21 @@
-"""Dramatiq actors: thin adapters that take ids and call services."""
+"""Dramatiq actors: thin adapters that take ids and call services.
+
+Dramatiq's defaults (10-minute time limit, 20 retries with backoff up to days) suit neither
+a test case nor a user waiting for a report. A case's own retries happen inside (with
+Retry-After and jitter); a message is retried only for infrastructure failures (database
+gone away), a few times and quickly. A redelivered message is harmless: it claims the
+case's lease or finds it taken and returns.
+"""
 
 from __future__ import annotations
 
 import dramatiq
 
 from testruns import execution
+from testruns.worker import holder_id, is_running
 
 
-@dramatiq.actor(queue_name="runs", max_retries=3, time_limit=6 * 60 * 60 * 1000)
-def execute_run(run_id: int) -> None:
-    if execution.claim_run(run_id):
-        execution.execute_run(run_id)
+@dramatiq.actor(queue_name="cases", max_retries=3, min_backoff=500, max_backoff=5_000,
+                time_limit=30 * 60 * 1000)
+def execute_case(result_id: int) -> None:
+    execution.execute_case(result_id, holder_id(), keep_going=is_running)

@@ -3,11 +3,21 @@ rows behind the concurrency gate. Behaviour lives in the service modules, not he
 
 from __future__ import annotations
 
+import re
+import shlex
+
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
+
+from testruns.assertions import assertion_errors
+from testruns.prompts import TemplateSyntaxError, template_variables
+
+ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SIMULATOR_PARAMETERS = {"latency_ms", "jitter_ms", "error_rate"}
 
 
 def tag_list() -> ArrayField:
@@ -62,6 +72,38 @@ class Provider(models.Model):
     def is_simulated(self) -> bool:
         return self.kind == self.Kind.SIMULATOR
 
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        if self.api_key_env and not ENV_VAR_NAME.match(self.api_key_env):
+            errors["api_key_env"] = (
+                "Enter the name of an environment variable (letters, digits, underscores), "
+                "not the key itself. The key is read from the environment at call time."
+            )
+        if not isinstance(self.parameters, dict):
+            errors["parameters"] = "Parameters must be a JSON object."
+        if self.kind in (self.Kind.OPENAI, self.Kind.ANTHROPIC) and not self.model:
+            errors["model"] = f"A {self.get_kind_display()} provider needs a model name."
+        if self.kind == self.Kind.COMMAND:
+            try:
+                if not shlex.split(self.command):
+                    errors["command"] = "A local command provider needs a command to run."
+            except ValueError as exc:
+                errors["command"] = f"The command cannot be parsed: {exc}."
+        if self.kind == self.Kind.SIMULATOR and isinstance(self.parameters, dict):
+            for key in SIMULATOR_PARAMETERS & set(self.parameters):
+                value = self.parameters[key]
+                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                    errors["parameters"] = f"{key} must be a non-negative number."
+            rate = self.parameters.get("error_rate", 0)
+            if isinstance(rate, int | float) and rate > 1:
+                errors["parameters"] = "error_rate is a probability between 0 and 1."
+        if self.timeout_seconds is not None and self.timeout_seconds <= 0:
+            errors["timeout_seconds"] = "The timeout must be positive."
+        if self.max_concurrency == 0:
+            errors["max_concurrency"] = "At least one call must be allowed."
+        if errors:
+            raise ValidationError(errors)
+
 
 class PromptCard(models.Model):
     name = models.CharField(max_length=200)
@@ -85,6 +127,23 @@ class PromptCard(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("admin:testruns_promptcard_change", args=[self.pk])
+
+    def clean(self) -> None:
+        errors = {}
+        for field in ("system_prompt", "template"):
+            try:
+                template_variables(getattr(self, field))
+            except TemplateSyntaxError as exc:
+                errors[field] = f"Template error on line {exc.lineno}: {exc.message}"
+        if errors:
+            raise ValidationError(errors)
+
+    def required_variables(self) -> set[str]:
+        """Variables the prompt reads; empty when the prompt does not parse (clean() says so)."""
+        try:
+            return template_variables(self.system_prompt) | template_variables(self.template)
+        except TemplateSyntaxError:
+            return set()
 
 
 class PromptVersion(models.Model):
@@ -127,6 +186,28 @@ class TestCase(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        errors = {}
+        if not isinstance(self.variables, dict):
+            errors["variables"] = 'Variables must be a JSON object, e.g. {"name": "Ada"}.'
+        elif (card := self._card_or_none()) is not None:
+            missing = sorted(card.required_variables() - set(self.variables))
+            if missing:
+                errors["variables"] = f"Missing variables for the template: {', '.join(missing)}."
+        problems = assertion_errors(self.assertions)
+        if problems:
+            errors["assertions"] = problems
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            errors["threshold"] = "The threshold is a score between 0 and 1."
+        if errors:
+            raise ValidationError(errors)
+
+    def _card_or_none(self) -> PromptCard | None:
+        try:
+            return self.card
+        except PromptCard.DoesNotExist:
+            return None
+
 
 class TestRun(models.Model):
     class Status(models.TextChoices):
@@ -166,8 +247,6 @@ class TestRun(models.Model):
     phase = models.CharField(max_length=20, choices=Phase.choices, default=Phase.WAITING)
     cancel_requested = models.BooleanField(default=False)
     queued_at = models.DateTimeField(auto_now_add=True)
-    dispatched_at = models.DateTimeField(null=True, blank=True,
-                                         help_text="When its message reached the broker.")
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     error_message = models.TextField(blank=True)
@@ -243,6 +322,9 @@ class TestResult(models.Model):
     repeat_passes = models.PositiveIntegerField(default=0)
     cached = models.BooleanField(default=False)
     error = models.TextField(blank=True)
+    dispatched_at = models.DateTimeField(
+        null=True, blank=True, help_text="When its message reached the broker; the sweeper "
+                                         "re-sends admitted cases whose message never went out.")
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -259,10 +341,14 @@ class TestResult(models.Model):
 
 
 class Semaphore(models.Model):
-    """A counting semaphore: at most `limit` live leases. The row is the lock."""
+    """A counting semaphore. The row is the lock; `in_use` always equals the number of its
+    lease rows (both change in the same statement), so a holder checks and takes a slot
+    without counting. `effective_limit` is the provider's current AIMD ceiling after 429s."""
 
     name = models.CharField(max_length=200, unique=True)
     limit = models.PositiveIntegerField()
+    in_use = models.PositiveIntegerField(default=0, editable=False)
+    effective_limit = models.FloatField(null=True, blank=True, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -287,9 +373,29 @@ class Lease(models.Model):
 
     class Meta:
         indexes = [
-            models.Index(fields=["semaphore", "expires_at"], name="lease_live"),
             models.Index(fields=["expires_at"], name="lease_expiry"),
+            models.Index(fields=["holder"], name="lease_holder"),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["result"], name="one_lease_per_result"),
+            models.UniqueConstraint(fields=["semaphore", "run"], name="one_run_slot_per_run",
+                                    condition=Q(result=None)),
         ]
 
     def __str__(self) -> str:
         return f"{self.semaphore.name} held by {self.holder}"
+
+
+class ResponseCache(models.Model):
+    """A provider's answer to one exact request, for runs that enable the cache. The key
+    covers provider, model, parameters and the rendered prompts; errors are never stored."""
+
+    key = models.CharField(max_length=64, unique=True)
+    text = models.TextField()
+    tokens_in = models.PositiveIntegerField(default=0)
+    tokens_out = models.PositiveIntegerField(default=0)
+    latency_ms = models.FloatField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.key[:12]

@@ -25,8 +25,4 @@ def template_variables(template: str) -> set[str]:
     return meta.find_undeclared_variables(_env.parse(template))
 
 
-def missing_variables(template: str, variables: dict) -> list[str]:
-    return sorted(template_variables(template) - set(variables))
-
-
-__all__ = ["TemplateSyntaxError", "missing_variables", "render_prompt", "template_variables"]
+__all__ = ["TemplateSyntaxError", "render_prompt", "template_variables"]

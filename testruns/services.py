@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Max
+from django.db.models.functions import Now
 from django.utils import timezone
 
-from testruns import events
+from testruns import events, gate
 from testruns.models import PromptCard, PromptVersion, Provider, TestCase, TestResult, TestRun
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ def launch_run(
 
     1. Pin the version (the latest unless given) and the cases (all enabled unless given).
     2. Create the run and one pending result per case, in one transaction.
-    3. After commit, hand the run to the workers and tell queue watchers.
+    3. After commit, try to admit it: with a free slot it starts at once; otherwise it
+       waits in the queue until a release promotes it.
     """
     if not provider.enabled:
         raise LaunchError(f"Provider {provider.name} is disabled.")
@@ -55,6 +58,7 @@ def launch_run(
         cases = list(cases) if cases is not None else list(card.cases.filter(enabled=True))
         if not cases:
             raise LaunchError(f"{card.name} has no enabled test cases to run.")
+        ensure_semaphores(provider)
         run = TestRun.objects.create(
             card=card, version=version, provider=provider, launched_by=user,
             priority=priority, total_cases=len(cases), **config,
@@ -67,20 +71,75 @@ def launch_run(
         )
         events.record_run_event(run.pk, "status", {"status": run.status})
         events.publish_queue_changed()
-        transaction.on_commit(lambda: dispatch_run(run.pk))
+        transaction.on_commit(gate.admit_runs)
     log.info("run queued", extra={"run_id": run.pk})
     return run
 
 
-def dispatch_run(run_id: int) -> bool:
-    """Send the run's message to the broker. If the broker is down the run stays queued with
-    no dispatched_at, and the sweeper sends it once the broker is back."""
-    from testruns.actors import execute_run
+def ensure_semaphores(provider: Provider) -> None:
+    """The gate's rows start from settings and the provider; after that they are data."""
+    gate.ensure_semaphore(gate.RUNS, settings.MAX_CONCURRENT_RUNS)
+    gate.ensure_semaphore(gate.RUNS_PER_USER, settings.MAX_RUNS_PER_USER)
+    gate.ensure_semaphore(gate.provider_semaphore(provider.pk), provider.max_concurrency)
 
-    try:
-        execute_run.send(run_id)
-    except Exception:
-        log.warning("could not dispatch run %s; the sweeper will retry", run_id, exc_info=True)
-        return False
-    TestRun.objects.filter(pk=run_id, dispatched_at=None).update(dispatched_at=timezone.now())
+
+def save_provider_limit(provider: Provider) -> None:
+    """Keep the provider's call semaphore in step with its max_concurrency."""
+    gate.ensure_semaphore(gate.provider_semaphore(provider.pk), provider.max_concurrency)
+    gate.set_limit(gate.provider_semaphore(provider.pk), provider.max_concurrency)
+
+
+def duplicate_card(card: PromptCard, *, user=None) -> PromptCard:
+    """Copy a card with its test cases under a free "<slug>-copy[-N]" slug; history stays."""
+    slug, n = f"{card.slug}-copy", 1
+    while PromptCard.objects.filter(slug=slug).exists():
+        n += 1
+        slug = f"{card.slug}-copy-{n}"
+    with transaction.atomic():
+        copy = PromptCard.objects.create(
+            name=f"{card.name} (copy)", slug=slug, description=card.description, tags=card.tags,
+            owner=user or card.owner, system_prompt=card.system_prompt, template=card.template,
+        )
+        TestCase.objects.bulk_create(
+            TestCase(card=copy, name=case.name, variables=case.variables,
+                     assertions=case.assertions, threshold=case.threshold, tags=case.tags,
+                     enabled=case.enabled, order=case.order)
+            for case in card.cases.all()
+        )
+        snapshot_version(copy, author=user, note=f"Duplicated from {card.slug}")
+    return copy
+
+
+def cancel_run(run: TestRun, *, user=None) -> bool:
+    """Cancel a run that has not finished; results so far are kept.
+
+    In one transaction (semaphore rows first, in name order: provider, then runs):
+    1. Mark the run cancelled and its pending and in-flight cases skipped.
+    2. If it was running, drop its case leases and its run slot, and promote waiters into
+       them at once. A worker still calling the provider for it finds its result no longer
+       running and throws the answer away.
+    """
+    with transaction.atomic():
+        gate.lock_provider(run.provider_id)
+        gate.lock_runs()
+        locked = TestRun.objects.select_for_update().get(pk=run.pk)
+        if locked.is_finished:
+            return False
+        was_running = locked.status == TestRun.Status.RUNNING
+        skipped = TestResult.objects.filter(
+            run=locked, status__in=[TestResult.Status.PENDING, TestResult.Status.RUNNING]
+        ).update(status=TestResult.Status.SKIPPED, finished_at=timezone.now())
+        locked.status, locked.phase = TestRun.Status.CANCELLED, TestRun.Phase.DONE
+        locked.cancel_requested, locked.finished_at = True, Now()
+        locked.done_count += skipped
+        locked.save(update_fields=["status", "phase", "cancel_requested", "finished_at",
+                                   "done_count"])
+        if was_running:
+            gate.release_cases_of_run(locked.pk, locked.provider_id)
+            gate.release_run(locked.pk)
+        events.record_run_event(run.pk, "status", {"status": locked.status,
+                                                   "phase": locked.phase,
+                                                   "done_count": locked.done_count})
+        events.publish_queue_changed()
+    log.info("run cancelled by %s", user, extra={"run_id": run.pk})
     return True

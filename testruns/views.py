@@ -10,7 +10,7 @@ from django.views.decorators.http import require_GET
 
 from testruns import services
 from testruns.forms import LaunchForm
-from testruns.selectors import get_run_for_user, runs_visible_to, run_snapshot
+from testruns.selectors import get_run_for_user, run_snapshot, runs_visible_to
 
 
 @require_GET

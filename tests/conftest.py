@@ -20,6 +20,8 @@ from project.embedded import free_port, port_is_open
 from testruns.models import PromptCard, Provider, TestCase
 from testruns.services import snapshot_version
 
+pytest_plugins = ["tests.fake_llm"]
+
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_DIR = Path(os.environ.get("TEST_OUTPUT_DIR", ROOT / "test-output"))
 
@@ -67,13 +69,22 @@ class ChildProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        """SIGTERM goes to the main process, which stops its own children (Dramatiq treats a
+        second SIGTERM as "kill now"); SIGKILL takes the whole process group at once."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
+            if sig == signal.SIGKILL:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left of the group
+        except ProcessLookupError:
+            pass
+        self.process.wait()
         self.log.close()
 
 
@@ -82,7 +93,7 @@ def start_workers(env: dict[str, str], *, processes: int = 1, threads: int = 4) 
     worker = ChildProcess(
         "worker",
         [sys.executable, "manage.py", "rundramatiq", "--processes", str(processes),
-         "--threads", str(threads), "--worker-shutdown-timeout", "10000"],
+         "--threads", str(threads), "--worker-shutdown-timeout", "8000"],
         env,
     )
     wait_for(lambda: worker.output().count("Worker process is ready for action.") >= processes
@@ -95,8 +106,8 @@ def start_workers(env: dict[str, str], *, processes: int = 1, threads: int = 4) 
 def worker_factory(process_env):
     started: list[ChildProcess] = []
 
-    def start(**kwargs) -> ChildProcess:
-        worker = start_workers(process_env, **kwargs)
+    def start(*, env: dict[str, str] | None = None, **kwargs) -> ChildProcess:
+        worker = start_workers(process_env | (env or {}), **kwargs)
         started.append(worker)
         return worker
 

@@ -35,8 +35,9 @@ def test_worker_progress_reaches_websocket_client(
                                      "Origin": f"http://{asgi_server}"}) as ws:
         snapshot = json.loads(ws.recv(timeout=10))
         assert snapshot["type"] == "snapshot"
-        assert snapshot["run"]["status"] == "queued"
-        assert snapshot["run"]["queue_position"] == 1
+        # A slot was free, so the run was admitted at launch; no worker has taken a case yet.
+        assert snapshot["run"]["status"] == "running"
+        assert snapshot["run"]["done_count"] == 0
 
         # The worker starts only now, so everything it does arrives as live events.
         worker_factory(processes=1, threads=2)

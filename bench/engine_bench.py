@@ -1,0 +1,283 @@
+"""Benchmarks of the gate and the execution engine. One run prints one table.
+
+    make bench            # throwaway PostgreSQL and Redis, real worker processes
+
+Not a test: it asserts nothing and takes a few minutes. Figures go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+os.environ.setdefault("LOG_LEVEL", "WARNING")
+
+import django  # noqa: E402
+
+django.setup()
+
+import psutil  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
+
+from testruns import gate, services  # noqa: E402
+from testruns.models import (  # noqa: E402
+    Lease,
+    PromptCard,
+    Provider,
+    Semaphore,
+    TestCase,
+    TestResult,
+    TestRun,
+)
+
+DURATION = float(os.environ.get("BENCH_SECONDS", "5"))
+CONTENDERS = 16
+ROWS: list[tuple[str, str, str]] = []
+
+
+def report(name: str, value: str, target: str = "") -> None:
+    ROWS.append((name, value, target))
+    print(f"  {name}: {value}", flush=True)
+
+
+def reset() -> None:
+    for model in (Lease, TestResult, TestRun, TestCase, PromptCard, Provider, Semaphore):
+        model.objects.all().delete()
+
+
+def make_card(cases: int, template: str = "bench {{ i }}") -> PromptCard:
+    card = PromptCard.objects.create(name="bench", slug=f"bench-{time.monotonic_ns()}",
+                                     template=template)
+    TestCase.objects.bulk_create(TestCase(card=card, name=f"case {i}", variables={"i": i},
+                                          assertions=[], order=i) for i in range(cases))
+    services.snapshot_version(card)
+    return card
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class Workers:
+    """Real Dramatiq worker processes on the same database and Redis."""
+
+    def __init__(self, processes: int, threads: int):
+        env = dict(os.environ, DATABASE_URL=database_url(), LOG_LEVEL="WARNING")
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "rundramatiq", "--processes", str(processes),
+             "--threads", str(threads), "--worker-shutdown-timeout", "8000"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        ready = 0
+        while ready < processes:
+            line = self.process.stderr.readline()
+            if not line:
+                raise RuntimeError("workers exited during boot")
+            ready += "ready for action" in line
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()
+
+    def family(self) -> list[psutil.Process]:
+        parent = psutil.Process(self.process.pid)
+        return [parent, *parent.children(recursive=True)]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def database_url() -> str:
+    parts = urlsplit(os.environ["DATABASE_URL"])
+    return urlunsplit(parts._replace(path="/" + connection.settings_dict["NAME"]))
+
+
+def wait_finished(run_ids: list[int], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while TestRun.objects.filter(pk__in=run_ids).exclude(status__in=TestRun.FINISHED).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("runs did not finish")
+        time.sleep(0.05)
+
+
+# --- 1. acquire + release pairs per second --------------------------------------------------
+
+
+def bench_pairs() -> None:
+    """16 threads, each holding one call slot of a provider (limit 16) and handing it on:
+    release + promotion of the next waiting case + claim, in one transaction each, exactly
+    the path a finishing case takes. Beside it, Dramatiq's ConcurrentRateLimiter."""
+    reset()
+    provider = Provider.objects.create(name="p", kind="simulator", max_concurrency=CONTENDERS)
+    card = make_card(1)
+    services.ensure_semaphores(provider)
+    gate.set_limit(gate.RUNS, 0)  # keep the run out of the normal admission; we drive it
+    run = services.launch_run(card=card, provider=provider, max_concurrent_tests=CONTENDERS)
+    TestResult.objects.filter(run=run).delete()
+    TestResult.objects.bulk_create(
+        TestResult(run=run, position=i, case_name="c", variables={}) for i in range(60_000))
+    TestRun.objects.filter(pk=run.pk).update(status="running")
+    counts = [0] * CONTENDERS
+    stop = threading.Event()
+
+    def contender(n: int) -> None:
+        me = f"bench:{n}"
+        with gate.handing_over_to(me) as taken:
+            gate.admit_cases(provider.pk)
+        lease = taken[0] if taken else None
+        while lease and not stop.is_set():
+            with gate.handing_over_to(me) as taken, transaction.atomic():
+                gate.lock_provider(provider.pk)
+                gate.release_case(provider.pk, lease.lease_id, succeeded=True)
+            counts[n] += 1
+            lease = taken[0] if taken else None
+        connection.close()
+
+    ours = run_threads(contender, stop)
+    report("gate: acquire+release pairs/s, 16 contenders (PostgreSQL)",
+           f"{sum(counts) / ours:,.0f}", ">= 1,000")
+
+    from dramatiq.rate_limits import ConcurrentRateLimiter
+    from dramatiq.rate_limits.backends import RedisBackend
+
+    limiter = ConcurrentRateLimiter(RedisBackend(url=settings.REDIS_URL), "bench",
+                                    limit=CONTENDERS)
+    theirs = [0] * CONTENDERS
+    stop.clear()
+
+    def redis_contender(n: int) -> None:
+        while not stop.is_set():
+            with limiter.acquire(raise_on_failure=False) as acquired:
+                theirs[n] += bool(acquired)
+
+    elapsed = run_threads(redis_contender, stop)
+    report("Dramatiq ConcurrentRateLimiter pairs/s, 16 contenders (Redis)",
+           f"{sum(theirs) / elapsed:,.0f}", "(reference)")
+
+
+def run_threads(target, stop: threading.Event) -> float:
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(CONTENDERS)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(DURATION)  # the measuring window itself, not a wait for a condition
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
+# --- 2. slot hand-over latency --------------------------------------------------------------
+
+
+def bench_handover() -> None:
+    """Run limit 1, 200 runs waiting behind a running one. For each run, from the database
+    time its predecessor finished (and released the slot) to the moment its first provider
+    call reached the fake OpenAI server."""
+    from tests.fake_llm import FakeLLMServer
+
+    reset()
+    server = FakeLLMServer().start()
+    provider = Provider.objects.create(name="fake", kind="openai", model="m",
+                                       base_url=server.base_url, max_concurrency=8)
+    services.ensure_semaphores(provider)
+    gate.set_limit(gate.RUNS, 1)
+    card = make_card(201)
+    cases = list(card.cases.order_by("order"))
+    runs = [services.launch_run(card=card, provider=provider, cases=[case]) for case in cases]
+    workers = Workers(processes=1, threads=4)
+    wait_finished([r.pk for r in runs])
+    workers.stop()
+    server.stop()
+    first_call = {}
+    for request in server.requests:
+        prompt = request.body["messages"][-1]["content"]
+        first_call.setdefault(prompt, request.received_at)
+    ordered = list(TestRun.objects.filter(pk__in=[r.pk for r in runs]).order_by("started_at"))
+    latencies = []
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        prompt = f"bench {after.results.get().variables['i']}"
+        latencies.append((first_call[prompt] - before.finished_at.timestamp()) * 1000)
+    report("hand-over latency p50, 200 runs waiting", f"{percentile(latencies, 0.5):.1f} ms",
+           "<= 10 ms")
+    report("hand-over latency p99, 200 runs waiting", f"{percentile(latencies, 0.99):.1f} ms",
+           "<= 50 ms")
+
+
+# --- 3. makespan ----------------------------------------------------------------------------
+
+
+def bench_makespan() -> None:
+    """1,000 cases, 8 call slots, a simulated 100 ms provider: ideal is 125 waves x 100 ms."""
+    reset()
+    provider = Provider.objects.create(
+        name="sim", kind="simulator", max_concurrency=8,
+        parameters={"latency_ms": 100, "jitter_ms": 0, "error_rate": 0})
+    run = services.launch_run(card=make_card(1000), provider=provider, max_concurrent_tests=8)
+    workers = Workers(processes=2, threads=4)
+    wait_finished([run.pk])
+    workers.stop()
+    run.refresh_from_db()
+    makespan = (run.finished_at - run.started_at).total_seconds()
+    ideal = 125 * 0.1
+    report("makespan, 1,000 cases, 8 slots, 100 ms", f"{makespan:.2f} s (ideal {ideal:.1f} s)")
+    report("makespan efficiency", f"{100 * ideal / makespan:.1f} %", ">= 95 %")
+
+
+# --- 4. CPU and memory over a long run -----------------------------------------------------
+
+
+def bench_long_run(cases: int = 10_000) -> None:
+    """A 10,000-case run on a zero-latency simulator: worker CPU per case, and worker memory
+    sampled through the run (it must stay flat)."""
+    reset()
+    provider = Provider.objects.create(
+        name="sim0", kind="simulator", max_concurrency=8,
+        parameters={"latency_ms": 0, "jitter_ms": 0, "error_rate": 0})
+    run = services.launch_run(card=make_card(cases), provider=provider, max_concurrent_tests=8)
+    workers = Workers(processes=1, threads=8)
+    samples: list[tuple[int, float]] = []
+    cpu = 0.0
+    while True:
+        done = TestRun.objects.values_list("done_count", flat=True).get(pk=run.pk)
+        family = workers.family()
+        rss = sum(p.memory_info().rss for p in family) / 2**20
+        cpu = sum(sum(p.cpu_times()[:2]) for p in family)
+        samples.append((done, rss))
+        if done >= cases:
+            break
+        time.sleep(0.5)
+    workers.stop()
+    peak = max(rss for _, rss in samples)
+    at = {q: next(rss for done, rss in samples if done >= q * cases) for q in (0.1, 0.5, 1.0)}
+    report("worker CPU per case (10,000 cases)", f"{1000 * cpu / cases:.2f} ms")
+    report("worker memory at 10 % / 50 % / 100 % of the run",
+           " / ".join(f"{at[q]:.0f}" for q in (0.1, 0.5, 1.0)) + " MiB", "flat")
+    report("peak worker memory", f"{peak:.0f} MiB")
+
+
+def main() -> None:
+    call_command("migrate", verbosity=0)
+    print(f"PostgreSQL {connection.pg_version / 10000:.0f}, {os.cpu_count()} CPUs; "
+          f"{DURATION:.0f} s windows", flush=True)
+    for bench in (bench_pairs, bench_handover, bench_makespan, bench_long_run):
+        print(f"{bench.__name__}...", flush=True)
+        bench()
+    width = max(len(name) for name, _, _ in ROWS)
+    print(f"\n| {'measure'.ljust(width)} | result | target |")
+    print(f"|{'-' * (width + 2)}|--------|--------|")
+    for name, value, target in ROWS:
+        print(f"| {name.ljust(width)} | {value} | {target} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The safety net that runs in every worker process: heartbeats this process's leases and
+repairs what a crash or an outage left behind. Several sweepers at once are harmless: every
+repair goes through the same locked gate functions as normal work."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db.models import F
+
+from testruns import dispatch, execution, gate
+from testruns.models import Semaphore, TestResult, TestRun
+
+log = logging.getLogger(__name__)
+
+
+def sweep() -> dict[str, int]:
+    """1. Reclaim case leases whose holder stopped heartbeating; requeue those cases.
+    2. Re-send admitted cases whose message never reached the broker.
+    3. Finish runs whose every case is done (a crash between the last result and the finish).
+    4. Fill free slots where waiters exist (a promotion lost to a crash)."""
+    report = {
+        "reclaimed": gate.reclaim_expired_cases(),
+        "resent": dispatch.resend_undispatched(),
+        "finished": sum(execution.finish_run(run_id) for run_id in TestRun.objects.filter(
+            status=TestRun.Status.RUNNING, done_count__gte=F("total_cases")
+        ).values_list("pk", flat=True)),
+        "admitted_runs": len(admit_runs_if_room()),
+        "admitted_cases": sum(len(gate.admit_cases(p)) for p in providers_with_room()),
+    }
+    if any(report.values()):
+        log.info("sweep: %s", report)
+    return report
+
+
+def admit_runs_if_room() -> list[int]:
+    runs = Semaphore.objects.filter(name=gate.RUNS, in_use__lt=F("limit")).exists()
+    if runs and TestRun.objects.filter(status=TestRun.Status.QUEUED).exists():
+        return gate.admit_runs()
+    return []
+
+
+def providers_with_room() -> list[int]:
+    """Providers with a free slot and a pending case of a running run (checked without a
+    lock; admit_cases re-checks under it)."""
+    waiting = set(TestResult.objects.filter(
+        status=TestResult.Status.PENDING, run__status=TestRun.Status.RUNNING,
+        run__cancel_requested=False,
+    ).values_list("run__provider_id", flat=True).distinct())
+    with_room = []
+    for provider_id in waiting:
+        semaphore = Semaphore.objects.filter(name=gate.provider_semaphore(provider_id)).first()
+        if semaphore and semaphore.in_use < min(
+            semaphore.limit, int(semaphore.effective_limit or semaphore.limit)
+        ):
+            with_room.append(provider_id)
+    return with_room

@@ -1,0 +1,74 @@
+"""What every Dramatiq worker process runs besides its actors: a lease keeper thread that
+heartbeats this process's leases and sweeps, and a hand-back of held cases on shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+import dramatiq
+from django.conf import settings
+from django.db import close_old_connections, connection
+
+log = logging.getLogger(__name__)
+
+
+_stopping = threading.Event()
+
+
+def is_running() -> bool:
+    """False once this worker process has been asked to stop."""
+    return not _stopping.is_set()
+
+
+def holder_id() -> str:
+    """Leases are held per worker process: its heartbeat keeps all of them alive."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseKeeper(dramatiq.Middleware):
+    def __init__(self) -> None:
+        self.stopping = _stopping
+        self.thread: threading.Thread | None = None
+
+    def after_worker_boot(self, broker, worker) -> None:
+        self.stopping.clear()
+        self.thread = threading.Thread(target=self.keep, name="lease-keeper", daemon=True)
+        self.thread.start()
+
+    def before_worker_shutdown(self, broker, worker) -> None:
+        self.stopping.set()
+
+    def after_worker_shutdown(self, broker, worker) -> None:
+        """Cases still held after the shutdown grace period go back to the queue now, so
+        another worker takes them without waiting for the lease TTL."""
+        if self.thread:
+            self.thread.join(timeout=5)
+        from testruns import gate
+
+        try:
+            handed = gate.hand_back(holder_id())
+            if handed:
+                log.warning("handed back %d unfinished case(s) on shutdown", handed)
+        finally:
+            connection.close()
+
+    def keep(self) -> None:
+        from testruns import gate, sweeper
+
+        me = holder_id()
+        interval = float(settings.SWEEP_INTERVAL_SECONDS)
+        beats_every = max(1, int(settings.LEASE_TTL_SECONDS / 3 / interval))
+        tick = 0
+        while not self.stopping.wait(interval if tick else 0):
+            try:
+                close_old_connections()
+                if tick % beats_every == 0:
+                    gate.heartbeat(me)
+                sweeper.sweep()
+            except Exception:
+                log.exception("lease keeper tick failed; trying again next tick")
+            tick += 1
+        connection.close()
