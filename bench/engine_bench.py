@@ -29,6 +29,7 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
 
+from project.embedded import die_with_parent  # noqa: E402
 from testruns import gate, services  # noqa: E402
 from testruns.models import (  # noqa: E402
     Lease,
@@ -73,12 +74,12 @@ class Workers:
     """Real Dramatiq worker processes on the same database and Redis."""
 
     def __init__(self, processes: int, threads: int):
-        env = dict(os.environ, DATABASE_URL=database_url(), LOG_LEVEL="WARNING")
+        env = dict(os.environ, DATABASE_URL=database_url(), LOG_LEVEL="INFO")
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "rundramatiq", "--processes", str(processes),
              "--threads", str(threads), "--worker-shutdown-timeout", "8000"],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=die_with_parent())
         ready = 0
         while ready < processes:
             line = self.process.stderr.readline()
@@ -113,9 +114,10 @@ def wait_finished(run_ids: list[int], timeout: float = 600) -> None:
 
 
 def bench_pairs() -> None:
-    """16 threads, each holding one call slot of a provider (limit 16) and handing it on:
-    release + promotion of the next waiting case + claim, in one transaction each, exactly
-    the path a finishing case takes. Beside it, Dramatiq's ConcurrentRateLimiter."""
+    """16 contenders (4 processes x 4 threads, like workers), each holding one call slot of a
+    provider (limit 16) and handing it on: give back the slot, promote the next waiting
+    case and keep it, in one transaction each: exactly the gate's part of finishing a case.
+    Beside it, Dramatiq's ConcurrentRateLimiter on the same Redis, also 4 x 4."""
     reset()
     provider = Provider.objects.create(name="p", kind="simulator", max_concurrency=CONTENDERS)
     card = make_card(1)
@@ -126,54 +128,67 @@ def bench_pairs() -> None:
     TestResult.objects.bulk_create(
         TestResult(run=run, position=i, case_name="c", variables={}) for i in range(60_000))
     TestRun.objects.filter(pk=run.pk).update(status="running")
-    counts = [0] * CONTENDERS
-    stop = threading.Event()
 
-    def contender(n: int) -> None:
-        me = f"bench:{n}"
+    def hand_on(n: int, stop: threading.Event) -> int:
+        me, pairs = f"bench:{os.getpid()}:{n}", 0
         with gate.handing_over_to(me) as taken:
             gate.admit_cases(provider.pk)
         lease = taken[0] if taken else None
         while lease and not stop.is_set():
             with gate.handing_over_to(me) as taken, transaction.atomic():
-                gate.lock_provider(provider.pk)
                 gate.release_case(provider.pk, lease.lease_id, succeeded=True)
-            counts[n] += 1
+            pairs += 1
             lease = taken[0] if taken else None
-        connection.close()
+        return pairs
 
-    ours = run_threads(contender, stop)
     report("gate: acquire+release pairs/s, 16 contenders (PostgreSQL)",
-           f"{sum(counts) / ours:,.0f}", ">= 1,000")
+           f"{contend(hand_on):,.0f}", ">= 1,000")
 
     from dramatiq.rate_limits import ConcurrentRateLimiter
     from dramatiq.rate_limits.backends import RedisBackend
 
-    limiter = ConcurrentRateLimiter(RedisBackend(url=settings.REDIS_URL), "bench",
-                                    limit=CONTENDERS)
-    theirs = [0] * CONTENDERS
-    stop.clear()
-
-    def redis_contender(n: int) -> None:
+    def acquire_release(n: int, stop: threading.Event) -> int:
+        limiter = ConcurrentRateLimiter(RedisBackend(url=settings.REDIS_URL), "bench",
+                                        limit=CONTENDERS)
+        pairs = 0
         while not stop.is_set():
             with limiter.acquire(raise_on_failure=False) as acquired:
-                theirs[n] += bool(acquired)
+                pairs += bool(acquired)
+        return pairs
 
-    elapsed = run_threads(redis_contender, stop)
     report("Dramatiq ConcurrentRateLimiter pairs/s, 16 contenders (Redis)",
-           f"{sum(theirs) / elapsed:,.0f}", "(reference)")
+           f"{contend(acquire_release):,.0f}", "(reference)")
 
 
-def run_threads(target, stop: threading.Event) -> float:
-    threads = [threading.Thread(target=target, args=(n,)) for n in range(CONTENDERS)]
+def contend(work, processes: int = 4, threads: int = 4) -> float:
+    """Run work(n, stop) in processes x threads for DURATION seconds; total calls per second."""
+    import multiprocessing
+
+    connection.close()  # never share a connection across fork
+    results = multiprocessing.get_context("fork").Queue()
+
+    def process_main(first: int) -> None:
+        stop, counts = threading.Event(), []
+        pool = [threading.Thread(target=lambda n=n: counts.append(work(n, stop)))
+                for n in range(first, first + threads)]
+        for thread in pool:
+            thread.start()
+        time.sleep(DURATION)  # the measuring window itself, not a wait for a condition
+        stop.set()
+        for thread in pool:
+            thread.join()
+        results.put(sum(counts))
+
     started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    time.sleep(DURATION)  # the measuring window itself, not a wait for a condition
-    stop.set()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - started
+    children = [multiprocessing.get_context("fork").Process(target=process_main,
+                                                            args=(p * threads,))
+                for p in range(processes)]
+    for child in children:
+        child.start()
+    total = sum(results.get() for _ in children)
+    for child in children:
+        child.join()
+    return total / (time.perf_counter() - started)
 
 
 # --- 2. slot hand-over latency --------------------------------------------------------------

@@ -12,10 +12,10 @@ from __future__ import annotations
 import dramatiq
 
 from testruns import execution
-from testruns.worker import holder_id, is_running
+from testruns.worker import holder_id, may_keep_cases
 
 
 @dramatiq.actor(queue_name="cases", max_retries=3, min_backoff=500, max_backoff=5_000,
                 time_limit=30 * 60 * 1000)
 def execute_case(result_id: int) -> None:
-    execution.execute_case(result_id, holder_id(), keep_going=is_running)
+    execution.execute_case(result_id, holder_id(), keep_going=may_keep_cases)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from django.db import connection, transaction
+from django.db import connection, reset_queries, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -42,19 +42,22 @@ def execute_case(result_id: int, holder: str, *, keep_going=lambda: True) -> Non
     2. Render, call the provider (with retries) and check the assertions, no transaction open.
     3. Record the result exactly once, give back the slot and promote the next case; if that
        was the run's last case, finish the run and hand its slot to the next run.
-    4. If a case promoted in 3. was handed to this thread, go on with it at 2. (unless the
-       worker is stopping: then its lease is handed back on shutdown).
+    4. If `keep_going()` allowed it, a case promoted in 3. was kept for this thread instead
+       of going through the broker: go on with it at 2.
     """
     lease_id = gate.claim_case(result_id, holder)
     while lease_id is not None:
-        with gate.handing_over_to(holder) as taken:
+        with gate.handing_over_to(holder if keep_going() else None) as taken:
             run_claimed_case(result_id, lease_id)
-        if not taken or not keep_going():
+        if not taken:
             return
         result_id, lease_id = taken[0].result_id, taken[0].lease_id
 
 
 def run_claimed_case(result_id: int, lease_id: int) -> None:
+    # With DEBUG on, Django keeps every query of a connection until a request starts; a
+    # worker thread never starts one.
+    reset_queries()
     result = TestResult.objects.select_related("run__version", "run__provider").get(pk=result_id)
     run = result.run
     log.info("case started", extra={"run_id": run.pk, "case_id": result.case_id})
@@ -182,7 +185,9 @@ def record_case(run: TestRun, result: TestResult, lease_id: int, outcome: CaseOu
     """Write the outcome exactly once, update the run's totals, give back the call slot and
     promote the next case, in one transaction. Returns True when the run has no case left."""
     with transaction.atomic():
-        gate.lock_provider(run.provider_id)  # semaphore rows first, then data rows
+        # The semaphore row is locked first (by giving back the slot), then data rows.
+        locked = gate.give_back_case(run.provider_id, lease_id, succeeded=(
+            outcome.status != TestResult.Status.ERROR and not outcome.throttled))
         written = TestResult.objects.filter(pk=result.pk, status=TestResult.Status.RUNNING).update(
             status=outcome.status, finished_at=timezone.now(), **outcome.fields)
         complete = False
@@ -194,14 +199,8 @@ def record_case(run: TestRun, result: TestResult, lease_id: int, outcome: CaseOu
                 ).update(status=TestResult.Status.SKIPPED, finished_at=timezone.now())
             totals = add_to_totals(run.pk, outcome, skipped)
             complete = totals["done_count"] >= totals["total_cases"]
-            events.record_run_event(run.pk, "progress", {
-                **totals, "result": {"id": result.pk, "position": result.position,
-                                     "case_name": result.case_name, "status": outcome.status,
-                                     "output": outcome.fields.get("output", ""),
-                                     "error": outcome.fields.get("error", ""),
-                                     "latency_ms": outcome.fields.get("latency_ms")}})
-        gate.release_case(run.provider_id, lease_id, succeeded=(
-            outcome.status != TestResult.Status.ERROR and not outcome.throttled))
+            events.announce(run.pk, kind="progress", force=False)
+        gate.admit_next_cases(run.provider_id, locked)
     return complete
 
 
@@ -236,7 +235,7 @@ def finish_run(run_id: int) -> bool:
         run.phase = TestRun.Phase.DONE
         run.finished_at = Now()  # the database clock, like every time the gate writes
         run.save(update_fields=["status", "phase", "finished_at"])
-        events.record_run_event(run_id, "status", {"status": run.status, "phase": run.phase})
+        events.announce(run_id)
         gate.release_run(run_id)
     log.info("run finished: %s", run.status, extra={"run_id": run_id})
     return True

@@ -103,7 +103,7 @@ def _promote_runs(locked: tuple) -> list[int]:
     promoted = _rows(_ADMIT_RUNS_SQL, {"sem": sem_id, "free": limit - in_use,
                                        "per_user": RUNS_PER_USER})
     for run_id, provider_id in promoted:
-        events.record_run_event(run_id, "status", {"status": "running", "phase": "generating"})
+        events.announce(run_id)
         transaction.on_commit(lambda p=provider_id: admit_cases(p))
     if promoted:
         events.publish_queue_changed()
@@ -198,7 +198,7 @@ _handover = threading.local()
 
 
 @contextmanager
-def handing_over_to(holder: str):
+def handing_over_to(holder: str | None):
     """Within this block, the first case admitted is claimed for `holder` instead of being
     sent through the broker: the worker thread that freed a slot runs the next case itself,
     so a hand-over costs no broker round trip. Yields the list that receives it."""
@@ -218,15 +218,16 @@ def _admit_cases_locked(provider_id: int, locked: tuple | None = None) -> list[A
     ceiling = min(limit, int(effective)) if effective is not None else limit
     if in_use >= ceiling:
         return []
-    admitted = [Admitted(result_id, lease_id) for result_id, lease_id in _rows(
-        _ADMIT_CASES_SQL, {"sem": sem_id, "provider": provider_id, "free": ceiling - in_use,
-                           "ttl": lease_ttl()})]
-    to_send = admitted
-    holder = getattr(_handover, "holder", None)
-    if holder and admitted and not _handover.taken:
-        kept, to_send = admitted[0], admitted[1:]
-        _rows("UPDATE testruns_lease SET holder = %s WHERE id = %s", [holder, kept.lease_id])
-        _handover.taken.append(kept)
+    keeper = getattr(_handover, "holder", None)
+    keeper = keeper if keeper and not _handover.taken else ""
+    rows = _rows(_ADMIT_CASES_SQL, {"sem": sem_id, "provider": provider_id,
+                                    "free": ceiling - in_use, "ttl": lease_ttl(),
+                                    "keeper": keeper})
+    admitted = [Admitted(result_id, lease_id) for result_id, lease_id, _ in rows]
+    to_send = [Admitted(result_id, lease_id) for result_id, lease_id, holder in rows
+               if not holder]
+    if keeper and len(to_send) < len(admitted):
+        _handover.taken.extend(a for a in admitted if a not in to_send)
     if to_send:
         ids = [a.result_id for a in to_send]
         transaction.on_commit(lambda: dispatch.send_cases(ids))
@@ -254,14 +255,17 @@ WITH runs AS (
     FROM chosen WHERE t.id = chosen.id AND t.status = 'pending'
     RETURNING t.id, t.run_id
 ), leased AS (
+    -- The first admitted case may be kept by the thread that freed the slot (the keeper).
     INSERT INTO testruns_lease (semaphore_id, holder, run_id, result_id, acquired_at, expires_at)
-    SELECT %(sem)s, '', run_id, id, now(), now() + make_interval(secs => %(ttl)s) FROM promoted
-    RETURNING result_id, id
+    SELECT %(sem)s, CASE WHEN row_number() OVER (ORDER BY id) = 1 THEN %(keeper)s ELSE '' END,
+           run_id, id, now(), now() + make_interval(secs => %(ttl)s)
+    FROM promoted
+    RETURNING result_id, id, holder
 ), counted AS (
     UPDATE testruns_semaphore SET in_use = in_use + (SELECT count(*) FROM leased)
     WHERE id = %(sem)s
 )
-SELECT result_id, id FROM leased
+SELECT result_id, id, holder FROM leased
 """
 
 
@@ -275,16 +279,26 @@ def claim_case(result_id: int, holder: str) -> int | None:
     return rows[0][0] if rows else None
 
 
-def release_case(provider_id: int, lease_id: int, *, succeeded: bool) -> list[Admitted]:
-    """Inside the caller's transaction, after it locked the provider's row: give back a call
-    slot and promote the next cases. A success also grows the provider's AIMD ceiling back
-    towards its limit (additive increase)."""
+def give_back_case(provider_id: int, lease_id: int, *, succeeded: bool) -> tuple:
+    """First step of a case's closing transaction: lock the provider's row by giving back the
+    call slot (one statement) and return the row as it now is, for `admit_next_cases`.
+    A success also grows the provider's AIMD ceiling back towards its limit."""
     grow = "" if not succeeded else (
         ", effective_limit = CASE WHEN s.effective_limit + 1.0 / s.effective_limit >= s.\"limit\" "
         "THEN NULL ELSE s.effective_limit + 1.0 / s.effective_limit END")
-    rows = _rows(_RELEASE_CASE_SQL.format(grow=grow), {"lease": lease_id,
-                                                       "name": provider_semaphore(provider_id)})
-    return _admit_cases_locked(provider_id, rows[0] if rows else None)
+    return _rows(_RELEASE_CASE_SQL.format(grow=grow), {"lease": lease_id,
+                                                       "name": provider_semaphore(provider_id)})[0]
+
+
+def admit_next_cases(provider_id: int, locked: tuple) -> list[Admitted]:
+    """Last step of that transaction: promote waiting cases into the free slots."""
+    return _admit_cases_locked(provider_id, locked)
+
+
+def release_case(provider_id: int, lease_id: int, *, succeeded: bool) -> list[Admitted]:
+    """Give back a call slot and promote the next cases, in the caller's transaction."""
+    return admit_next_cases(provider_id, give_back_case(provider_id, lease_id,
+                                                        succeeded=succeeded))
 
 
 # One round trip: delete the lease, give its slot back, and return the row as it now is.

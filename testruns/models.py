@@ -251,6 +251,7 @@ class TestRun(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     error_message = models.TextField(blank=True)
     event_seq = models.PositiveBigIntegerField(default=0)
+    last_event_at = models.DateTimeField(null=True, blank=True)
 
     # Totals, kept current while the run goes
     total_cases = models.PositiveIntegerField(default=0)
@@ -325,6 +326,8 @@ class TestResult(models.Model):
     dispatched_at = models.DateTimeField(
         null=True, blank=True, help_text="When its message reached the broker; the sweeper "
                                          "re-sends admitted cases whose message never went out.")
+    announced_seq = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="The run event that told the pages about this result.")
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -334,7 +337,16 @@ class TestResult(models.Model):
             models.UniqueConstraint(fields=["run", "case"], name="one_result_per_run_case"),
             models.UniqueConstraint(fields=["run", "position"], name="one_result_per_position"),
         ]
-        indexes = [models.Index(fields=["run", "status"], name="result_run_status")]
+        indexes = [
+            models.Index(fields=["run", "status"], name="result_run_status"),
+            # Admission takes the next pending cases of a run in order; finished ones must
+            # not be walked past, or a long run gets slower with every case.
+            models.Index(fields=["run", "position"], name="result_pending",
+                         condition=Q(status="pending")),
+            models.Index(fields=["run"], name="result_unannounced",
+                         condition=Q(announced_seq=None,
+                                     status__in=["passed", "failed", "error", "skipped"])),
+        ]
 
     def __str__(self) -> str:
         return f"{self.case_name} in run #{self.run_id}"
@@ -399,3 +411,26 @@ class ResponseCache(models.Model):
 
     def __str__(self) -> str:
         return self.key[:12]
+
+
+class WorkerHeartbeat(models.Model):
+    """One row per live worker process, refreshed by its lease keeper: what the dashboard,
+    /healthz and /api/system/resources show about workers."""
+
+    holder = models.CharField(max_length=200, unique=True)
+    hostname = models.CharField(max_length=200)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    last_seen = models.DateTimeField()
+    cpu_percent = models.FloatField(default=0)
+    memory_available_mb = models.FloatField(default=0)
+    load_average = models.FloatField(default=0)
+    accepting = models.BooleanField(default=True, help_text="False while the host is too busy "
+                                                            "to take new cases.")
+    note = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering = ["hostname", "pid"]
+
+    def __str__(self) -> str:
+        return self.holder

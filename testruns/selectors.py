@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from django.db import connection
 from django.db.models import QuerySet
 
-from testruns.models import TestResult, TestRun
+from testruns import events
+from testruns.models import TestRun
 
 
 def runs_visible_to(user) -> QuerySet[TestRun]:
@@ -35,27 +37,25 @@ def queue_position(run: TestRun) -> int | None:
     return ahead + 1
 
 
-def result_row(result: TestResult) -> dict:
-    return {
-        "id": result.pk, "position": result.position, "case_name": result.case_name,
-        "status": result.status, "output": result.output, "error": result.error,
-        "latency_ms": result.latency_ms,
-    }
-
-
-def run_snapshot(run: TestRun, *, result_limit: int = 100) -> dict:
-    """Everything a run page shows, with the sequence number it is current as of."""
-    run.refresh_from_db()
-    finished = run.results.exclude(status__in=[TestResult.Status.PENDING,
-                                               TestResult.Status.RUNNING])
+def run_snapshot(run: TestRun, *, result_limit: int = events.EVENT_RESULT_LIMIT) -> dict:
+    """Everything a run page shows, with the sequence number it is current as of. Read the
+    run before its results: a result announced after `seq` may also be in the list, and the
+    page de-duplicates rows by id."""
+    state = TestRun.objects.values(
+        "event_seq", "status", "phase", "total_cases", "done_count", "passed_count",
+        "failed_count", "error_count", "priority", "queued_at").get(pk=run.pk)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {events.result_columns()} FROM testruns_testresult "
+            "WHERE run_id = %s AND status = ANY(%s) ORDER BY position LIMIT %s",
+            [run.pk, list(events.DONE), result_limit])
+        results = [dict(zip(events.RESULT_ROW, row, strict=True)) for row in cursor.fetchall()]
+    run.status, run.priority, run.queued_at = state["status"], state["priority"], state["queued_at"]
     return {
         "type": "snapshot",
-        "seq": run.event_seq,
-        "run": {
-            "id": run.pk, "status": run.status, "phase": run.phase,
-            "total_cases": run.total_cases, "done_count": run.done_count,
-            "passed_count": run.passed_count, "failed_count": run.failed_count,
-            "error_count": run.error_count, "queue_position": queue_position(run),
-        },
-        "results": [result_row(r) for r in finished.order_by("position")[:result_limit]],
+        "seq": state.pop("event_seq"),
+        "run": {"id": run.pk, **{k: v for k, v in state.items()
+                                 if k not in ("priority", "queued_at")},
+                "queue_position": queue_position(run)},
+        "results": results,
     }

@@ -69,7 +69,7 @@ def launch_run(
                        threshold=case.threshold)
             for i, case in enumerate(cases)
         )
-        events.record_run_event(run.pk, "status", {"status": run.status})
+        events.announce(run.pk)
         events.publish_queue_changed()
         transaction.on_commit(gate.admit_runs)
     log.info("run queued", extra={"run_id": run.pk})
@@ -137,9 +137,7 @@ def cancel_run(run: TestRun, *, user=None) -> bool:
         if was_running:
             gate.release_cases_of_run(locked.pk, locked.provider_id)
             gate.release_run(locked.pk)
-        events.record_run_event(run.pk, "status", {"status": locked.status,
-                                                   "phase": locked.phase,
-                                                   "done_count": locked.done_count})
+        events.announce(run.pk)
         events.publish_queue_changed()
     log.info("run cancelled by %s", user, extra={"run_id": run.pk})
     return True

@@ -8,7 +8,7 @@ import logging
 
 from django.db.models import F
 
-from testruns import dispatch, execution, gate
+from testruns import dispatch, events, execution, gate
 from testruns.models import Semaphore, TestResult, TestRun
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,8 @@ def sweep() -> dict[str, int]:
     """1. Reclaim case leases whose holder stopped heartbeating; requeue those cases.
     2. Re-send admitted cases whose message never reached the broker.
     3. Finish runs whose every case is done (a crash between the last result and the finish).
-    4. Fill free slots where waiters exist (a promotion lost to a crash)."""
+    4. Fill free slots where waiters exist (a promotion lost to a crash).
+    5. Tell pages about results that coalescing held back during a quiet spell."""
     report = {
         "reclaimed": gate.reclaim_expired_cases(),
         "resent": dispatch.resend_undispatched(),
@@ -27,6 +28,7 @@ def sweep() -> dict[str, int]:
         ).values_list("pk", flat=True)),
         "admitted_runs": len(admit_runs_if_room()),
         "admitted_cases": sum(len(gate.admit_cases(p)) for p in providers_with_room()),
+        "announced": events.flush_unannounced(),
     }
     if any(report.values()):
         log.info("sweep: %s", report)

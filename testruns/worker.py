@@ -11,16 +11,25 @@ import threading
 import dramatiq
 from django.conf import settings
 from django.db import close_old_connections, connection
+from django.utils import timezone
 
 log = logging.getLogger(__name__)
 
 
 _stopping = threading.Event()
+_worker: dramatiq.Worker | None = None
 
 
 def is_running() -> bool:
     """False once this worker process has been asked to stop."""
     return not _stopping.is_set()
+
+
+def may_keep_cases() -> bool:
+    """Whether a thread that freed a slot should run the next case itself. Not while this
+    process has prefetched messages waiting (they would starve behind a thread that keeps
+    handing cases to itself), nor while stopping."""
+    return is_running() and (_worker is None or _worker.work_queue.empty())
 
 
 def holder_id() -> str:
@@ -34,6 +43,8 @@ class LeaseKeeper(dramatiq.Middleware):
         self.thread: threading.Thread | None = None
 
     def after_worker_boot(self, broker, worker) -> None:
+        global _worker
+        _worker = worker
         self.stopping.clear()
         self.thread = threading.Thread(target=self.keep, name="lease-keeper", daemon=True)
         self.thread.start()
@@ -47,11 +58,13 @@ class LeaseKeeper(dramatiq.Middleware):
         if self.thread:
             self.thread.join(timeout=5)
         from testruns import gate
+        from testruns.models import WorkerHeartbeat
 
         try:
             handed = gate.hand_back(holder_id())
             if handed:
                 log.warning("handed back %d unfinished case(s) on shutdown", handed)
+            WorkerHeartbeat.objects.filter(holder=holder_id()).delete()
         finally:
             connection.close()
 
@@ -62,13 +75,29 @@ class LeaseKeeper(dramatiq.Middleware):
         interval = float(settings.SWEEP_INTERVAL_SECONDS)
         beats_every = max(1, int(settings.LEASE_TTL_SECONDS / 3 / interval))
         tick = 0
+        started = timezone.now()
         while not self.stopping.wait(interval if tick else 0):
             try:
                 close_old_connections()
                 if tick % beats_every == 0:
                     gate.heartbeat(me)
+                    record_heartbeat(me, started)
                 sweeper.sweep()
             except Exception:
                 log.exception("lease keeper tick failed; trying again next tick")
             tick += 1
         connection.close()
+
+
+def record_heartbeat(holder: str, started) -> None:
+    import psutil
+
+    from testruns.models import WorkerHeartbeat
+
+    memory = psutil.virtual_memory()
+    WorkerHeartbeat.objects.update_or_create(holder=holder, defaults={
+        "hostname": socket.gethostname(), "pid": os.getpid(), "started_at": started,
+        "last_seen": timezone.now(), "cpu_percent": psutil.cpu_percent(interval=None),
+        "memory_available_mb": memory.available / 2**20,
+        "load_average": os.getloadavg()[0],
+    })

@@ -63,9 +63,8 @@
     }
     state.seq = event.seq;
     const data = event.data || {};
-    if (data.result) renderResult(data.result);
-    const { result, ...runFields } = data;
-    renderRun(runFields);
+    (data.results || []).forEach(renderResult);
+    if (data.run) renderRun(data.run);
   }
 
   function send(message) {
