@@ -1,6 +1,7 @@
 """Benchmarks of the gate and the execution engine. One run prints one table.
 
-    make bench            # throwaway PostgreSQL and Redis, real worker processes
+    make bench                        # throwaway PostgreSQL and Redis, real worker processes
+    BENCH_ONLY=makespan make bench    # one of: pairs, handover, makespan, long_run
 
 Not a test: it asserts nothing and takes a few minutes. Figures go to docs/benchmarks.md.
 """
@@ -19,6 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 os.environ.setdefault("LOG_LEVEL", "WARNING")
+# Production settings: with DEBUG on, Django's debug cursor times and keeps every query.
+os.environ.setdefault("DEBUG", "0")
+os.environ.setdefault("SECRET_KEY", "bench-only-" + "x" * 50)
 
 import django  # noqa: E402
 
@@ -237,8 +241,9 @@ def bench_makespan() -> None:
     provider = Provider.objects.create(
         name="sim", kind="simulator", max_concurrency=8,
         parameters={"latency_ms": 100, "jitter_ms": 0, "error_rate": 0})
-    run = services.launch_run(card=make_card(1000), provider=provider, max_concurrent_tests=8)
-    workers = Workers(processes=2, threads=4)
+    card = make_card(1000)
+    workers = Workers(processes=2, threads=4)  # booted before the clock starts at launch
+    run = services.launch_run(card=card, provider=provider, max_concurrent_tests=8)
     wait_finished([run.pk])
     workers.stop()
     run.refresh_from_db()
@@ -284,7 +289,10 @@ def main() -> None:
     call_command("migrate", verbosity=0)
     print(f"PostgreSQL {connection.pg_version / 10000:.0f}, {os.cpu_count()} CPUs; "
           f"{DURATION:.0f} s windows", flush=True)
+    only = os.environ.get("BENCH_ONLY", "")  # e.g. BENCH_ONLY=makespan
     for bench in (bench_pairs, bench_handover, bench_makespan, bench_long_run):
+        if only and only not in bench.__name__:
+            continue
         print(f"{bench.__name__}...", flush=True)
         bench()
     width = max(len(name) for name, _, _ in ROWS)

@@ -13,7 +13,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.text import slugify
 
-from testruns import gate, providers, services
+from testruns import card_files, gate, providers, services
 from testruns.models import (
     PromptCard,
     PromptVersion,
@@ -199,8 +199,6 @@ class PromptCardAdmin(LaunchPermissionMixin, admin.ModelAdmin):
     def _export(self, queryset, fmt, content_type):
         cards = list(queryset.prefetch_related("cases"))
         name = slugify(cards[0].slug) if len(cards) == 1 else "prompt-cards"
-        from testruns import card_files
-
         response = HttpResponse(card_files.export_cards(cards, fmt), content_type=content_type)
         response["Content-Disposition"] = f'attachment; filename="{name}.{fmt}"'
         return response
@@ -217,13 +215,12 @@ class PromptCardAdmin(LaunchPermissionMixin, admin.ModelAdmin):
             return redirect("admin:testruns_promptcard_changelist")
         form = ImportForm(request.POST or None, request.FILES or None)
         if request.method == "POST" and form.is_valid():
-            from testruns import card_files
-
             upload = form.cleaned_data["file"]
             try:
+                # The card matters only for a CSV of cases; YAML and JSON name their cards.
+                card = form.cleaned_data["card"] if upload.name.lower().endswith(".csv") else None
                 report = card_files.import_cards(upload.read(), filename=upload.name,
-                                                 user=request.user,
-                                                 card=form.cleaned_data["card"])
+                                                 user=request.user, card=card)
             except card_files.CardFileError as exc:
                 for error in exc.errors:
                     form.add_error("file", error)

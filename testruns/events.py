@@ -13,6 +13,7 @@ fails the caller: pages resynchronise from a snapshot.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from asgiref.sync import async_to_sync
@@ -29,8 +30,12 @@ TEXT_PREVIEW = 500
 DONE = ("passed", "failed", "error", "skipped")
 
 RUN_STATE = ["seq", "status", "phase", "total_cases", "done_count", "passed_count",
-             "failed_count", "error_count"]
-RESULT_ROW = ["id", "position", "case_name", "status", "output", "error", "latency_ms"]
+             "failed_count", "error_count", "tokens_in", "tokens_out", "cost"]
+# Columns of the run row behind RUN_STATE (cost as a float: events travel as msgpack).
+RUN_STATE_COLUMNS = ("event_seq, status, phase, total_cases, done_count, passed_count, "
+                     "failed_count, error_count, tokens_in, tokens_out, cost::float8")
+RESULT_ROW = ["id", "position", "case_name", "status", "output", "error", "latency_ms",
+              "tokens_in", "tokens_out", "cost", "assertion_results", "attempts", "cached"]
 
 
 def run_group(run_id: int) -> str:
@@ -41,7 +46,17 @@ def result_columns(alias: str = "") -> str:
     """The columns of a result row as pages see it (long texts cut to a preview)."""
     p = f"{alias}." if alias else ""
     return (f"{p}id, {p}position, {p}case_name, {p}status, left({p}output, {TEXT_PREVIEW}), "
-            f"left({p}error, {TEXT_PREVIEW}), {p}latency_ms")
+            f"left({p}error, {TEXT_PREVIEW}), {p}latency_ms, {p}tokens_in, {p}tokens_out, "
+            f"{p}cost::float8, {p}assertion_results, {p}attempts, {p}cached")
+
+
+def result_row(values) -> dict:
+    """A row of result_columns() as pages see it (jsonb arrives as text from Django's
+    psycopg connection)."""
+    row = dict(zip(RESULT_ROW, values, strict=True))
+    if isinstance(row["assertion_results"], str):
+        row["assertion_results"] = json.loads(row["assertion_results"])
+    return row
 
 
 def announce(run_id: int, *, kind: str = "status", force: bool = True) -> None:
@@ -53,8 +68,7 @@ def announce(run_id: int, *, kind: str = "status", force: bool = True) -> None:
             "UPDATE testruns_testrun SET event_seq = event_seq + 1, "
             "last_event_at = clock_timestamp() WHERE id = %s AND (%s OR last_event_at IS NULL "
             "OR last_event_at < clock_timestamp() - make_interval(secs => %s)) "
-            "RETURNING event_seq, status, phase, total_cases, done_count, passed_count, "
-            "failed_count, error_count",
+            f"RETURNING {RUN_STATE_COLUMNS}",
             [run_id, force, PROGRESS_INTERVAL_MS / 1000])
         row = cursor.fetchone()
         if row is None:
@@ -64,8 +78,7 @@ def announce(run_id: int, *, kind: str = "status", force: bool = True) -> None:
             f"UPDATE testruns_testresult SET announced_seq = %s WHERE run_id = %s "
             f"AND announced_seq IS NULL AND status = ANY(%s) RETURNING {result_columns()}",
             [state["seq"], run_id, list(DONE)])
-        results = sorted((dict(zip(RESULT_ROW, r, strict=True)) for r in cursor.fetchall()),
-                         key=lambda r: r["position"])
+        results = sorted(map(result_row, cursor.fetchall()), key=lambda r: r["position"])
     message = {
         "type": "run.event", "kind": kind, "seq": state.pop("seq"), "run_id": run_id,
         "data": {"run": state, "results": results[-EVENT_RESULT_LIMIT:],
@@ -89,7 +102,22 @@ def flush_unannounced() -> int:
 
 
 def publish_queue_changed() -> None:
-    transaction.on_commit(lambda: publish(QUEUE_GROUP, {"type": "queue.changed"}))
+    """After commit, broadcast the waiting queue once to the queue group: every waiting page
+    derives its own position from it, and dashboards their lists and slot counts. It holds
+    only run ids, priorities and slot counts, nothing private, and a version so that a page
+    keeps the newest of broadcasts that arrive out of order."""
+    transaction.on_commit(publish_queue_state)
+
+
+def publish_queue_state() -> None:
+    from testruns.selectors import queue_state
+
+    try:
+        state = queue_state()
+    except Exception:  # a broadcast never fails the launch, promotion or cancel behind it
+        log.warning("reading the queue for a broadcast failed", exc_info=True)
+        return
+    publish(QUEUE_GROUP, {"type": "queue.changed", **state})
 
 
 def publish(group: str, message: dict) -> None:

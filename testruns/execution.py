@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from django.db import connection, reset_queries, transaction
+from django.db.models import Exists
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -77,6 +78,7 @@ def run_case(run: TestRun, result: TestResult) -> CaseOutcome:
     try:
         for _ in range(run.repeats):
             completion, cached = generate(run, system, prompt, tracker)
+            note_validating(run, result)
             cost = Decimal(0) if cached else providers.cost_of(
                 run.provider, completion.tokens_in, completion.tokens_out)
             verdict = assertions.evaluate(
@@ -94,6 +96,17 @@ def run_case(run: TestRun, result: TestResult) -> CaseOutcome:
         "assertion_results": [o.as_dict() for o in verdict.outcomes], "score": verdict.score,
         "repeat_passes": passes, **tracker.fields(),
     }, throttled=tracker.throttled)
+
+
+def note_validating(run: TestRun, result: TestResult) -> None:
+    """The run's phase turns from generating to validating once no case is left to send to
+    the model, only checks of cases in flight (llm-rubric grading can take a while). Only the
+    last wave of cases can make that true, so only they ask."""
+    if result.position < run.total_cases - run.max_concurrent_tests:
+        return
+    TestRun.objects.filter(pk=run.pk, phase=TestRun.Phase.GENERATING).filter(
+        ~Exists(TestResult.objects.filter(run=run.pk, status=TestResult.Status.PENDING))
+    ).update(phase=TestRun.Phase.VALIDATING)
 
 
 @dataclass

@@ -1,11 +1,109 @@
 from __future__ import annotations
 
 from django import forms
+from django.contrib.auth import get_user_model
 
-from testruns.models import PromptCard, Provider
+from testruns.models import PromptCard, PromptVersion, Provider, TestCase, TestRun
 
 
 class LaunchForm(forms.Form):
+    """A card, one or more providers (one run each), which cases, and the configuration.
+    Versions, tags and cases are those of the chosen card (the page re-renders for another
+    card), and clean() checks they belong to it whatever was posted."""
+
+    class Selection:
+        ALL, TAG, PICKED = "all", "tag", "picked"
+        CHOICES = [(ALL, "All enabled cases"), (TAG, "Cases with any of these tags"),
+                   (PICKED, "These cases")]
+
     card = forms.ModelChoiceField(queryset=PromptCard.objects.all())
-    provider = forms.ModelChoiceField(queryset=Provider.objects.filter(enabled=True))
-    priority = forms.IntegerField(initial=0, min_value=-100, max_value=100)
+    version = forms.ModelChoiceField(
+        queryset=PromptVersion.objects.none(), required=False, empty_label="Latest",
+        help_text="The card's latest prompt unless you pick an older version.")
+    providers = forms.ModelMultipleChoiceField(
+        queryset=Provider.objects.filter(enabled=True), widget=forms.CheckboxSelectMultiple,
+        help_text="Several providers launch one run each, grouped as a comparison.")
+    selection = forms.ChoiceField(choices=Selection.CHOICES, initial=Selection.ALL,
+                                  widget=forms.RadioSelect, label="Test cases")
+    tags = forms.MultipleChoiceField(choices=[], required=False,
+                                     widget=forms.CheckboxSelectMultiple)
+    cases = forms.ModelMultipleChoiceField(queryset=TestCase.objects.none(), required=False,
+                                           widget=forms.SelectMultiple(attrs={"size": 8}))
+    max_concurrent_tests = forms.IntegerField(initial=4, min_value=1, max_value=64,
+                                              label="Max concurrent cases")
+    timeout_seconds = forms.FloatField(initial=60, min_value=1, max_value=3600,
+                                       label="Timeout per case (s)")
+    stop_on_failure = forms.BooleanField(required=False, label="Stop on first failure")
+    max_retries = forms.IntegerField(initial=2, min_value=0, max_value=10, label="Retries")
+    use_cache = forms.BooleanField(required=False, label="Use the response cache")
+    repeats = forms.IntegerField(initial=1, min_value=1, max_value=20)
+    priority = forms.IntegerField(initial=0, min_value=-100, max_value=100,
+                                  help_text="Higher runs first.")
+
+    CONFIG = ["max_concurrent_tests", "timeout_seconds", "stop_on_failure", "max_retries",
+              "use_cache", "repeats"]
+
+    def __init__(self, *args, card: PromptCard | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chosen_card = card
+        if card is None:
+            return
+        self.fields["card"].initial = card.pk
+        self.fields["version"].queryset = card.versions.order_by("-number")
+        self.fields["version"].label_from_instance = (
+            lambda v: f"v{v.number} · {v.created_at:%Y-%m-%d %H:%M}"
+                      + (f" · {v.change_note}" if v.change_note else ""))
+        enabled = card.cases.filter(enabled=True).order_by("order", "pk")
+        self.fields["cases"].queryset = enabled
+        tags = sorted({tag for case_tags in enabled.values_list("tags", flat=True)
+                       for tag in case_tags})
+        self.fields["tags"].choices = [(tag, tag) for tag in tags]
+
+    def clean(self):
+        data = super().clean()
+        card = data.get("card")
+        if card is None:
+            return data
+        if self.chosen_card is None or card.pk != self.chosen_card.pk:
+            raise forms.ValidationError("Choose the card first, then its cases.")
+        version = data.get("version")
+        if version is not None and version.card_id != card.pk:
+            self.add_error("version", "That version belongs to another card.")
+        selection = data.get("selection")
+        data["selected_cases"] = None  # all enabled cases
+        if selection == self.Selection.TAG:
+            if not data.get("tags"):
+                self.add_error("tags", "Pick at least one tag.")
+            else:
+                cases = list(card.cases.filter(enabled=True, tags__overlap=data["tags"]))
+                if not cases:
+                    self.add_error("tags", "No enabled case has any of these tags.")
+                data["selected_cases"] = cases
+        elif selection == self.Selection.PICKED:
+            if not data.get("cases"):
+                self.add_error("cases", "Pick at least one case.")
+            data["selected_cases"] = list(data.get("cases") or [])
+        return data
+
+    def config(self) -> dict:
+        return {name: self.cleaned_data[name] for name in self.CONFIG}
+
+
+class HistoryFilterForm(forms.Form):
+    card = forms.ModelChoiceField(queryset=PromptCard.objects.all(), required=False,
+                                  empty_label="Any card")
+    provider = forms.ModelChoiceField(queryset=Provider.objects.all(), required=False,
+                                      empty_label="Any provider")
+    status = forms.ChoiceField(choices=[("", "Any status"), *TestRun.Status.choices],
+                               required=False)
+    launcher = forms.ModelChoiceField(queryset=get_user_model().objects.none(),
+                                      required=False, empty_label="Anyone")
+    since = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    until = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+
+    def __init__(self, *args, user=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        users = get_user_model().objects.filter(test_runs__isnull=False).distinct()
+        if user is not None and not user.has_perm("testruns.view_testrun"):
+            users = users.filter(pk=user.pk)
+        self.fields["launcher"].queryset = users.order_by("username")

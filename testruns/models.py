@@ -135,6 +135,8 @@ class PromptCard(models.Model):
                 template_variables(getattr(self, field))
             except TemplateSyntaxError as exc:
                 errors[field] = f"Template error on line {exc.lineno}: {exc.message}"
+            except RecursionError:
+                errors[field] = "The template is nested too deeply to parse."
         if errors:
             raise ValidationError(errors)
 
@@ -142,7 +144,7 @@ class PromptCard(models.Model):
         """Variables the prompt reads; empty when the prompt does not parse (clean() says so)."""
         try:
             return template_variables(self.system_prompt) | template_variables(self.template)
-        except TemplateSyntaxError:
+        except (TemplateSyntaxError, RecursionError):
             return set()
 
 

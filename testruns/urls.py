@@ -6,7 +6,18 @@ from testruns import views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
+    path("dashboard.json", views.dashboard_json, name="dashboard-json"),
     path("launch/", views.launch, name="launch"),
+    path("history/", views.history, name="history"),
     path("runs/<int:pk>/", views.run_detail, name="run-detail"),
     path("runs/<int:pk>/status.json", views.run_status, name="run-status"),
+    path("runs/<int:pk>/results.json", views.run_results, name="run-results"),
+    path("runs/<int:pk>/cancel/", views.run_cancel, name="run-cancel"),
+    path("runs/<int:pk>/report/", views.report, name="report"),
+    path("runs/<int:pk>/baseline/", views.pin_baseline, name="pin-baseline"),
+    path("runs/<int:pk>/report.csv", views.report_csv, name="report-csv"),
+    path("runs/<int:pk>/report.json", views.report_json, name="report-json"),
+    path("runs/<int:pk>/junit.xml", views.report_junit, name="report-junit"),
+    path("compare/", views.compare, name="compare"),
+    path("comparisons/<uuid:group>/", views.comparison, name="comparison"),
 ]

@@ -1,55 +1,303 @@
-"""Pages. Thin: they translate the request and call services and selectors."""
+"""Pages. Thin: they translate the request and call services and selectors. Every run is
+looked up through `get_run_for_user`, so a run the user may not see is a 404."""
 
 from __future__ import annotations
 
+import uuid
+
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
-from django.http import Http404, JsonResponse
+from django.core.paginator import Paginator
+from django.db import transaction
+from django.http import (
+    Http404,
+    HttpResponse,
+    HttpResponseForbidden,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
 
-from testruns import services
-from testruns.forms import LaunchForm
-from testruns.selectors import get_run_for_user, run_snapshot, runs_visible_to
+from testruns import exports, selectors, services
+from testruns.forms import HistoryFilterForm, LaunchForm
+from testruns.models import PromptCard, TestRun
+from testruns.selectors import get_run_for_user, runs_visible_to
 
+try:  # the API's report builders, shared when they are there
+    from testruns.reports import junit_xml, run_json
+except ImportError:
+    from testruns.exports import junit_xml, run_json
 
-@require_GET
-def dashboard(request):
-    runs = runs_visible_to(request.user)[:50]
-    return render(request, "testruns/dashboard.html", {"runs": runs})
-
-
-@permission_required("testruns.launch_testrun", raise_exception=True)
-def launch(request):
-    form = LaunchForm(request.POST or None)
-    if request.method == "POST" and form.is_valid():
-        try:
-            run = services.launch_run(
-                card=form.cleaned_data["card"], provider=form.cleaned_data["provider"],
-                user=request.user, priority=form.cleaned_data["priority"],
-            )
-        except services.LaunchError as exc:
-            form.add_error(None, str(exc))
-        else:
-            messages.success(request, f"Run #{run.pk} queued.")
-            return redirect(run)
-    return render(request, "testruns/launch.html", {"form": form})
+HISTORY_PAGE_SIZE = 25
+REPORT_PAGE_SIZE = 50
+COMPARE_PAGE_SIZE = 50
+MAX_COMPARED_RUNS = 8
+TREND_CHARTS = 6
 
 
-def _run_or_404(request, pk):
+def _run_or_404(request, pk) -> TestRun:
     run = get_run_for_user(request.user, pk)
     if run is None:
         raise Http404("No such run.")
     return run
 
 
+def _page_number(request) -> int:
+    try:
+        return max(1, int(request.GET.get("page", 1)))
+    except ValueError:
+        return 1
+
+
+# --- Dashboard -----------------------------------------------------------------------------
+
+
+@require_GET
+def dashboard(request):
+    return render(request, "testruns/dashboard.html",
+                  {"state": selectors.dashboard_state(request.user)})
+
+
+@require_GET
+def dashboard_json(request):
+    return JsonResponse(selectors.dashboard_state(request.user))
+
+
+# --- Launch --------------------------------------------------------------------------------
+
+
+@permission_required("testruns.launch_testrun", raise_exception=True)
+def launch(request):
+    """GET ?card=<id> shows that card's versions and cases; POST launches one run per chosen
+    provider (several form a comparison group) and leads to the run or the comparison."""
+    card_id = request.POST.get("card") or request.GET.get("card")
+    card = PromptCard.objects.filter(pk=card_id).first() if str(card_id).isdigit() else None
+    if card is None and request.method == "GET":
+        card = PromptCard.objects.order_by("name").first()
+    form = LaunchForm(request.POST or None, card=card)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        providers = list(data["providers"])
+        group = uuid.uuid4() if len(providers) > 1 else None
+        try:
+            with transaction.atomic():  # all runs of a comparison, or none
+                runs = [services.launch_run(
+                    card=data["card"], provider=provider, user=request.user,
+                    cases=data["selected_cases"], version=data["version"],
+                    priority=data["priority"], comparison_group=group, **form.config(),
+                ) for provider in providers]
+        except services.LaunchError as exc:
+            form.add_error(None, str(exc))
+        else:
+            if group is None:
+                messages.success(request, f"Run #{runs[0].pk} queued.")
+                return redirect(runs[0])
+            messages.success(request, f"{len(runs)} runs queued for comparison.")
+            return redirect("comparison", group=group)
+    return render(request, "testruns/launch.html", {
+        "form": form, "card": card, "cards": PromptCard.objects.order_by("name"),
+    })
+
+
+# --- Live run page -------------------------------------------------------------------------
+
+
 @require_GET
 def run_detail(request, pk):
     run = _run_or_404(request, pk)
-    return render(request, "testruns/run_detail.html", {"run": run})
+    return render(request, "testruns/run_detail.html", {
+        "run": run, "can_cancel": selectors.can_cancel(request.user, run),
+        "live_rows": selectors.LIVE_ROWS,
+    })
 
 
 @require_GET
 def run_status(request, pk):
     """The page's fallback when it has no WebSocket: the same snapshot, polled."""
-    return JsonResponse(run_snapshot(_run_or_404(request, pk)))
+    return JsonResponse(selectors.run_snapshot(_run_or_404(request, pk)))
+
+
+@require_GET
+def run_results(request, pk):
+    """Finished results by position, a page at a time, beyond what the live page keeps."""
+    run = _run_or_404(request, pk)
+    return JsonResponse(selectors.result_page(run, page=_page_number(request),
+                                              status=request.GET.get("status")))
+
+
+@require_POST
+def run_cancel(request, pk):
+    run = _run_or_404(request, pk)
+    if not request.user.has_perm("testruns.cancel_testrun"):
+        return HttpResponseForbidden("You may not cancel runs.")
+    cancelled = services.cancel_run(run, user=request.user)
+    if request.headers.get("Accept") == "application/json":
+        return JsonResponse({"cancelled": cancelled})
+    if cancelled:
+        messages.success(request, f"Run #{run.pk} cancelled.")
+    else:
+        messages.info(request, f"Run #{run.pk} had already finished.")
+    return redirect(run)
+
+
+# --- History -------------------------------------------------------------------------------
+
+
+@require_GET
+def history(request):
+    form = HistoryFilterForm(request.GET or None, user=request.user)
+    filters = form.cleaned_data if form.is_valid() else {}
+    runs = selectors.filter_runs(runs_visible_to(request.user), **{
+        key: value for key, value in filters.items() if value})
+    page = Paginator(runs.order_by("-queued_at", "-pk"), HISTORY_PAGE_SIZE).get_page(
+        request.GET.get("page"))
+    card_ids = list(dict.fromkeys(run.card_id for run in page))[:TREND_CHARTS]
+    if filters.get("card"):
+        card_ids = [filters["card"].pk]
+    trend_runs = selectors.filter_runs(
+        runs_visible_to(request.user),
+        provider=filters.get("provider"), launcher=filters.get("launcher"))
+    trends = selectors.card_trends(trend_runs, card_ids)
+    names = dict(PromptCard.objects.filter(pk__in=card_ids).values_list("pk", "name"))
+    charts = [{"card": names[card_id], "chart": trend_chart(points)}
+              for card_id, points in trends.items() if points]
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(request, "testruns/history.html", {
+        "form": form, "page": page, "charts": charts, "query": query.urlencode(),
+    })
+
+
+def trend_chart(points: list[dict], width: int = 560, height: int = 150) -> dict:
+    """SVG geometry for pass rate (left axis, 0-100 %) and p95 latency (right axis) per run,
+    oldest to newest, drawn by the template from data the page already has."""
+    pad_x, pad_y = 40, 12
+    inner_w, inner_h = width - 2 * pad_x, height - 2 * pad_y
+    top_latency = max((p["p95"] or 0 for p in points), default=0) or 1
+    step = inner_w / max(1, len(points) - 1)
+    dots = []
+    for i, point in enumerate(points):
+        x = pad_x + (i * step if len(points) > 1 else inner_w / 2)
+        rate_y = (pad_y + inner_h * (1 - point["pass_rate"])
+                  if point["pass_rate"] is not None else None)
+        latency_y = (pad_y + inner_h * (1 - point["p95"] / top_latency)
+                     if point["p95"] is not None else None)
+        dots.append({**point, "x": round(x, 1), "rate_y": rate_y and round(rate_y, 1),
+                     "latency_y": latency_y and round(latency_y, 1)})
+    return {
+        "width": width, "height": height, "pad_x": pad_x, "pad_y": pad_y,
+        "right": width - pad_x, "bottom": height - pad_y, "top_latency": round(top_latency),
+        "rate_line": " ".join(f"{d['x']},{d['rate_y']}" for d in dots
+                              if d["rate_y"] is not None),
+        "latency_line": " ".join(f"{d['x']},{d['latency_y']}" for d in dots
+                                 if d["latency_y"] is not None),
+        "dots": dots,
+    }
+
+
+# --- Reports -------------------------------------------------------------------------------
+
+
+@require_GET
+def report(request, pk):
+    run = _run_or_404(request, pk)
+    baseline = None
+    if request.GET.get("baseline"):
+        baseline = get_run_for_user(request.user, request.GET["baseline"])
+    baseline = baseline or selectors.baseline_for(request.user, run)
+    changes = selectors.changes_since(baseline, run) if baseline else None
+    marks = {}
+    if changes:
+        marks = {c.key: "regression" for c in changes["regressions"]} | {
+            c.key: "fix" for c in changes["fixes"]}
+    status = request.GET.get("status", "")
+    results = run.results.order_by("position")
+    if status:
+        results = results.filter(status=status)
+    page = Paginator(results, REPORT_PAGE_SIZE).get_page(request.GET.get("page"))
+    rows = [(result, marks.get(selectors.case_key(result.case_id, result.case_name)))
+            for result in page]
+    return render(request, "testruns/report.html", {
+        "run": run, "stats": selectors.run_statistics(run), "baseline": baseline,
+        "baseline_stats": selectors.run_statistics(baseline) if baseline else None,
+        "changes": changes, "page": page, "rows": rows, "status": status,
+        "pinned": run.card.baseline_run_id == run.pk,
+        "can_pin": request.user.has_perm("testruns.change_promptcard"),
+    })
+
+
+@require_POST
+def pin_baseline(request, pk):
+    run = _run_or_404(request, pk)
+    if not request.user.has_perm("testruns.change_promptcard"):
+        return HttpResponseForbidden("You may not change cards.")
+    unpin = request.POST.get("unpin") == "1"
+    PromptCard.objects.filter(pk=run.card_id).update(baseline_run=None if unpin else run)
+    messages.success(request, f"{run.card.name}: baseline "
+                              + ("unpinned." if unpin else f"pinned to run #{run.pk}."))
+    return redirect("report", pk=run.pk)
+
+
+def _download_name(run: TestRun, extension: str) -> str:
+    return f"run-{run.pk}-{run.card.slug}.{extension}"
+
+
+@require_GET
+def report_csv(request, pk):
+    run = _run_or_404(request, pk)
+    response = StreamingHttpResponse(exports.csv_rows(run), content_type="text/csv")
+    response["Content-Disposition"] = f'attachment; filename="{_download_name(run, "csv")}"'
+    return response
+
+
+@require_GET
+def report_json(request, pk):
+    run = _run_or_404(request, pk)
+    response = JsonResponse(run_json(run), json_dumps_params={"indent": 2})
+    response["Content-Disposition"] = f'attachment; filename="{_download_name(run, "json")}"'
+    return response
+
+
+@require_GET
+def report_junit(request, pk):
+    run = _run_or_404(request, pk)
+    response = HttpResponse(junit_xml(run), content_type="application/xml")
+    response["Content-Disposition"] = f'attachment; filename="{_download_name(run, "xml")}"'
+    return response
+
+
+# --- Side by side --------------------------------------------------------------------------
+
+
+@require_GET
+def compare(request):
+    """Any two or more runs side by side: GET ?runs=1,2,3[&diff=1]."""
+    ids = [part for part in request.GET.get("runs", "").replace(" ", "").split(",") if part]
+    runs = [get_run_for_user(request.user, pk) for pk in dict.fromkeys(ids)]
+    runs = [run for run in runs if run is not None][:MAX_COMPARED_RUNS]
+    return _compare_page(request, runs, group=None)
+
+
+@require_GET
+def comparison(request, group):
+    runs = list(runs_visible_to(request.user).filter(comparison_group=group)
+                .order_by("provider__name", "pk"))
+    if not runs:
+        raise Http404("No such comparison.")
+    return _compare_page(request, runs, group=group)
+
+
+def _compare_page(request, runs: list[TestRun], *, group):
+    differences_only = request.GET.get("diff") == "1"
+    rows = selectors.side_by_side(runs, differences_only=differences_only) if runs else []
+    page = Paginator(rows, COMPARE_PAGE_SIZE).get_page(request.GET.get("page"))
+    selectors.fill_cells(runs, list(page))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(request, "testruns/compare.html", {
+        "runs": runs, "page": page, "differences_only": differences_only, "group": group,
+        "query": query.urlencode(), "run_ids": ",".join(str(run.pk) for run in runs),
+        "self_url": reverse("comparison", args=[group]) if group else reverse("compare"),
+    })

@@ -42,6 +42,12 @@ class LeaseKeeper(dramatiq.Middleware):
         self.stopping = _stopping
         self.thread: threading.Thread | None = None
 
+    def before_worker_boot(self, broker, worker) -> None:
+        """Prefetch no more messages than there are threads. Dramatiq's default (twice as
+        many) lets one process hoard admitted cases that then wait behind threads busy
+        handing cases to themselves, while they hold call slots and other processes idle."""
+        worker.queue_prefetch = worker.worker_threads
+
     def after_worker_boot(self, broker, worker) -> None:
         global _worker
         _worker = worker

@@ -361,7 +361,7 @@ def test_malformed_files_are_reported_with_line_and_column():
         (
             "prompts: ['{{ " + "(" * 3000 + "a" + ")" * 3000 + " }}']\ntests: [{}, {}]",
             "s.yaml",
-            "s.yaml: prompts[0]: the prompt is nested too deeply to be checked",
+            "s.yaml: prompts[0]: The template is nested too deeply to parse.",
         ),
     ],
 )
