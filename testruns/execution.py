@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -20,7 +19,7 @@ from django.db.models import Exists
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from testruns import assertions, events, gate, providers
+from testruns import assertions, events, gate, inflight, providers
 from testruns.models import Provider, ResponseCache, TestResult, TestRun
 from testruns.prompts import render_prompt
 
@@ -62,12 +61,18 @@ def run_claimed_case(result_id: int, lease_id: int) -> None:
     result = TestResult.objects.select_related("run__version", "run__provider").get(pk=result_id)
     run = result.run
     log.info("case started", extra={"run_id": run.pk, "case_id": result.case_id})
-    outcome = run_case(run, result)
+    with inflight.watching(lease_id) as lost:
+        try:
+            outcome = run_case(run, result, lost)
+        except inflight.CaseAbandoned:
+            log.info("case abandoned: its lease is gone", extra={"run_id": run.pk,
+                                                                 "case_id": result.case_id})
+            return
     if record_case(run, result, lease_id, outcome):
         finish_run(run.pk)
 
 
-def run_case(run: TestRun, result: TestResult) -> CaseOutcome:
+def run_case(run: TestRun, result: TestResult, lost=None) -> CaseOutcome:
     try:
         system = render_prompt(run.version.system_prompt, result.variables)
         prompt = render_prompt(run.version.template, result.variables)
@@ -77,7 +82,7 @@ def run_case(run: TestRun, result: TestResult) -> CaseOutcome:
     passes, verdict, completion = 0, None, None
     try:
         for _ in range(run.repeats):
-            completion, cached = generate(run, system, prompt, tracker)
+            completion, cached = generate(run, system, prompt, tracker, lost)
             note_validating(run, result)
             cost = Decimal(0) if cached else providers.cost_of(
                 run.provider, completion.tokens_in, completion.tokens_out)
@@ -129,14 +134,14 @@ class CallTracker:
                 "tokens_out": self.tokens_out, "cost": self.cost, "cached": self.cached}
 
 
-def generate(run: TestRun, system: str, prompt: str,
-             tracker: CallTracker) -> tuple[providers.Completion, bool]:
+def generate(run: TestRun, system: str, prompt: str, tracker: CallTracker,
+             lost=None) -> tuple[providers.Completion, bool]:
     """The model's answer, from the cache when the run allows it. Errors are never cached;
     a cached answer keeps the latency it was measured with."""
     key = cache_key(run.provider, system, prompt) if run.use_cache else None
     if key and (hit := ResponseCache.objects.filter(key=key).first()):
         return providers.Completion(hit.text, hit.tokens_in, hit.tokens_out, hit.latency_ms), True
-    completion = call_with_retries(run, system, prompt, tracker)
+    completion = call_with_retries(run, system, prompt, tracker, lost)
     if key:
         ResponseCache.objects.get_or_create(key=key, defaults={
             "text": completion.text, "tokens_in": completion.tokens_in,
@@ -150,33 +155,30 @@ def cache_key(provider: Provider, system: str, prompt: str) -> str:
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-def call_with_retries(run: TestRun, system: str, prompt: str,
-                      tracker: CallTracker) -> providers.Completion:
+def call_with_retries(run: TestRun, system: str, prompt: str, tracker: CallTracker,
+                      lost=None) -> providers.Completion:
     """Retry 429s, 5xx and network errors with exponential backoff and full jitter,
-    honouring Retry-After; a 429 also halves the provider's effective concurrency."""
+    honouring Retry-After; a 429 also halves the provider's effective concurrency. Raises
+    CaseAbandoned as soon as the case's lease is lost (`lost` is set)."""
     for attempt in range(run.max_retries + 1):
         tracker.attempts += 1
         try:
-            return providers.complete(run.provider, system=system, prompt=prompt,
-                                      timeout=run.timeout_seconds)
+            return inflight.call(lambda: providers.complete(
+                run.provider, system=system, prompt=prompt, timeout=run.timeout_seconds), lost)
         except providers.ProviderError as exc:
             if exc.status == 429:
                 tracker.throttled = True
                 gate.throttle_provider(run.provider_id)
-            if not exc.retryable or attempt == run.max_retries or is_cancelled(run.pk):
+            if not exc.retryable or attempt == run.max_retries:
                 raise
             delay = exc.retry_after if exc.retry_after is not None else backoff(attempt)
             log.info("retrying after %.2fs: %s", delay, exc, extra={"run_id": run.pk})
-            time.sleep(min(delay, MAX_RETRY_DELAY_SECONDS))
+            inflight.wait(min(delay, MAX_RETRY_DELAY_SECONDS), lost)
     raise AssertionError("unreachable")
 
 
 def backoff(attempt: int, base: float = 0.5, cap: float = 20.0) -> float:
     return random.uniform(0, min(cap, base * 2**attempt))
-
-
-def is_cancelled(run_id: int) -> bool:
-    return TestRun.objects.filter(pk=run_id, cancel_requested=True).exists()
 
 
 def grader_for(run: TestRun):

@@ -75,7 +75,7 @@ class LeaseKeeper(dramatiq.Middleware):
             connection.close()
 
     def keep(self) -> None:
-        from testruns import gate, sweeper
+        from testruns import gate, inflight, sweeper
 
         me = holder_id()
         interval = float(settings.SWEEP_INTERVAL_SECONDS)
@@ -88,6 +88,7 @@ class LeaseKeeper(dramatiq.Middleware):
                 if tick % beats_every == 0:
                     gate.heartbeat(me)
                     record_heartbeat(me, started)
+                inflight.notice_lost_leases()
                 sweeper.sweep()
             except Exception:
                 log.exception("lease keeper tick failed; trying again next tick")

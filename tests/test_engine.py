@@ -246,3 +246,22 @@ def test_sigterm_hands_back_held_cases_and_releases_leases(
     wait_for(lambda: all_finished([run]), timeout=60, what="another worker to finish it")
     run.refresh_from_db()
     assert run.status == "succeeded" and run.passed_count == 2
+
+
+def test_a_cancelled_case_stops_holding_its_worker_thread(
+    worker_factory, fake_llm, llm_provider, make_card
+):
+    fake_llm.reply_with(lambda prompt: FakeReply(hang=True) if prompt == "hang" else "N0 ok")
+    card = make_card(slug="stuck", cases=0, template="{{ name }}")
+    card.cases.create(name="hang", variables={"name": "hang"})
+    hanging = services.launch_run(card=card, provider=llm_provider, timeout_seconds=120)
+    worker_factory(processes=1, threads=1, env={"SWEEP_INTERVAL_SECONDS": "0.5"})
+    wait_for(lambda: fake_llm.in_flight == 1, what="the only worker thread to be mid-call")
+
+    assert services.cancel_run(hanging)
+    # Had its one thread kept waiting on the hanging call, this run could not start.
+    quick = services.launch_run(card=make_card(slug="quick", cases=1), provider=llm_provider)
+    wait_for(lambda: all_finished([quick]), timeout=30, what="the freed thread to run it")
+    quick.refresh_from_db()
+    assert quick.status == "succeeded"
+    assert fake_llm.in_flight == 1  # the abandoned call itself runs out on its own timeout
