@@ -278,3 +278,33 @@ def test_semaphore_limits_are_editable_in_the_changelist(admin_client):
     assert response.status_code == 302
     semaphore.refresh_from_db()
     assert semaphore.limit == 7
+
+
+def test_import_page_imports_a_promptfoo_file_and_exports_it_back(admin_client):
+    from pathlib import Path
+
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    suite = (Path(__file__).parent / "data" / "promptfoo_suite.yaml").read_bytes()
+    response = admin_client.post(reverse("admin:testruns_promptcard_import"), {
+        "file": SimpleUploadedFile("suite.yaml", suite)})
+    assert response.status_code == 302
+    cards = PromptCard.objects.order_by("name")
+    assert cards.count() == 2 and all(card.cases.count() >= 3 for card in cards)
+
+    export = admin_client.post(reverse("admin:testruns_promptcard_changelist"), {
+        "action": "export_yaml", "_selected_action": [card.pk for card in cards]})
+    assert export["Content-Disposition"] == 'attachment; filename="prompt-cards.yaml"'
+    assert b"Refund question" in export.content
+
+
+def test_a_bad_import_saves_nothing_and_names_the_row(admin_client, make_card):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    card = make_card(cases=0)
+    bad = b"name,__description,__expected\nAda,fine,contains: Ada\nBob,broken,regex: ([\n"
+    response = admin_client.post(reverse("admin:testruns_promptcard_import"), {
+        "file": SimpleUploadedFile("cases.csv", bad), "card": card.pk})
+    page = response.content.decode()
+    assert response.status_code == 200 and "cases.csv: row 3" in page
+    assert card.cases.count() == 0
