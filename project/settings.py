@@ -65,6 +65,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from the app: no CDN
     "testruns",
 ]
 
@@ -124,7 +125,11 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:63799/0")
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
+        # Reads must outlast channels_redis' 5 s blocking receive (BZPOPMIN): with redis-py's
+        # default 5 s socket timeout an idle consumer's read times out first and the
+        # consumer dies, closing its page with 1011.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}], "capacity": 1000,
+                   "expiry": 30},
     },
 }
 
@@ -161,6 +166,57 @@ MAX_RUNS_PER_USER = env_int("MAX_RUNS_PER_USER", 0)
 # A case lease whose worker stops heartbeating is reclaimed after this long.
 LEASE_TTL_SECONDS = env_float("LEASE_TTL_SECONDS", 30.0)
 SWEEP_INTERVAL_SECONDS = env_float("SWEEP_INTERVAL_SECONDS", 2.0)
+# Admission control: launching answers "queue full" (HTTP 429 in the API) while this many runs
+# wait. 0 means no limit.
+MAX_QUEUE_LENGTH = env_int("MAX_QUEUE_LENGTH", 1000)
+# Resource-aware admission: a worker takes no new case while its host's CPU is above this
+# percentage or its free memory below this many MB. 0 turns each check off.
+WORKER_MAX_CPU_PERCENT = env_float("WORKER_MAX_CPU_PERCENT", 0)
+WORKER_MIN_FREE_MEMORY_MB = env_float("WORKER_MIN_FREE_MEMORY_MB", 0)
+# How long the API remembers an Idempotency-Key (in Redis).
+IDEMPOTENCY_TTL_SECONDS = env_int("IDEMPOTENCY_TTL_SECONDS", 24 * 3600)
+# /metrics: histograms and error counts cover the runs and cases of this recent window; when
+# METRICS_TOKEN is set, scrapers must send "Authorization: Bearer <token>".
+METRICS_WINDOW_SECONDS = env_int("METRICS_WINDOW_SECONDS", 3600)
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+
+# --- API ------------------------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    # Token first: an anonymous request then gets 401 with `WWW-Authenticate: Token`.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "testruns.api.protocol.Pagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_PARSER_CLASSES": ["testruns.api.protocol.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "testruns.api.protocol.exception_handler",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Prompt Card Runner API",
+    "DESCRIPTION": "Queue and watch test runs of prompt cards; manage cards, test cases and "
+                   "providers. Authenticate with a session or `Authorization: Token <key>`.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "RunStatusEnum": "testruns.models.TestRun.Status",
+        "ResultStatusEnum": "testruns.models.TestResult.Status",
+        "ProviderKindEnum": "testruns.models.Provider.Kind",
+    },
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
 
 # --- Auth, i18n, static ---------------------------------------------------------------------
 
@@ -194,13 +250,18 @@ SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", not DEBUG)
 if env_bool("BEHIND_TLS_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
+# Lines about a run end in "run=<id> case=<id>"; LOG_FORMAT=json writes JSON lines instead.
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "plain")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"run_context": {"()": "testruns.logging.RunContextFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {"()": "testruns.logging.PlainFormatter"},
+        "json": {"()": "testruns.logging.JSONFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["run_context"],
+                             "formatter": "json" if LOG_FORMAT == "json" else "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},

@@ -9,13 +9,26 @@ case's lease or finds it taken and returns.
 
 from __future__ import annotations
 
+import logging
+
 import dramatiq
 
 from testruns import execution
-from testruns.worker import holder_id, may_keep_cases
+from testruns.worker import holder_id, host_pressure, may_keep_cases
+
+log = logging.getLogger(__name__)
+
+BUSY_HOST_DELAY_MS = 2_000
 
 
 @dramatiq.actor(queue_name="cases", max_retries=3, min_backoff=500, max_backoff=5_000,
                 time_limit=30 * 60 * 1000)
 def execute_case(result_id: int) -> None:
+    if (reason := host_pressure()) is not None:
+        # Resource-aware admission: a busy host leaves the case to the others (or to itself
+        # later); the case keeps its slot meanwhile, and the sweeper re-queues it if no
+        # host takes it before its lease runs out.
+        log.info("host busy (%s); case %s goes back to the broker", reason, result_id)
+        execute_case.send_with_options(args=(result_id,), delay=BUSY_HOST_DELAY_MS)
+        return
     execution.execute_case(result_id, holder_id(), keep_going=may_keep_cases)

@@ -20,6 +20,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from testruns import assertions, events, gate, inflight, providers
+from testruns.logging import log_context
 from testruns.models import Provider, ResponseCache, TestResult, TestRun
 from testruns.prompts import render_prompt
 
@@ -60,16 +61,16 @@ def run_claimed_case(result_id: int, lease_id: int) -> None:
     reset_queries()
     result = TestResult.objects.select_related("run__version", "run__provider").get(pk=result_id)
     run = result.run
-    log.info("case started", extra={"run_id": run.pk, "case_id": result.case_id})
-    with inflight.watching(lease_id) as lost:
-        try:
-            outcome = run_case(run, result, lost)
-        except inflight.CaseAbandoned:
-            log.info("case abandoned: its lease is gone", extra={"run_id": run.pk,
-                                                                 "case_id": result.case_id})
-            return
-    if record_case(run, result, lease_id, outcome):
-        finish_run(run.pk)
+    with log_context(run_id=run.pk, case_id=result.case_id):
+        log.info("case started")
+        with inflight.watching(lease_id) as lost:
+            try:
+                outcome = run_case(run, result, lost)
+            except inflight.CaseAbandoned:
+                log.info("case abandoned: its lease is gone")
+                return
+        if record_case(run, result, lease_id, outcome):
+            finish_run(run.pk)
 
 
 def run_case(run: TestRun, result: TestResult, lost=None) -> CaseOutcome:

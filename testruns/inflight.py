@@ -5,6 +5,7 @@ the abandoned call runs out on its own timeout in a helper thread."""
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -64,7 +65,9 @@ def call(fn: Callable[[], T], lost: threading.Event | None) -> T:
             lost_or_done.set()
 
     lost_or_done = threading.Event()
-    threading.Thread(target=target, name="provider-call", daemon=True).start()
+    context = contextvars.copy_context()  # the run and case ids its log lines carry
+    threading.Thread(target=context.run, args=(target,), name="provider-call",
+                     daemon=True).start()
     while not lost_or_done.wait(0.1):
         if lost.is_set():
             raise CaseAbandoned

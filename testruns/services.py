@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Sequence
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Max
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -16,8 +18,17 @@ from testruns.models import PromptCard, PromptVersion, Provider, TestCase, TestR
 log = logging.getLogger(__name__)
 
 
+# Serialises the admission check with the insert of the run it admits (launches only; the
+# gate's semaphore rows are never taken while holding it, so it cannot deadlock with them).
+ADMISSION_LOCK_KEY = 730_104_3
+
+
 class LaunchError(Exception):
     pass
+
+
+class QueueFull(LaunchError):
+    """Admission control: the waiting queue is at MAX_QUEUE_LENGTH."""
 
 
 def snapshot_version(card: PromptCard, *, author=None, note: str = "") -> PromptVersion:
@@ -52,6 +63,7 @@ def launch_run(
     if not provider.enabled:
         raise LaunchError(f"Provider {provider.name} is disabled.")
     with transaction.atomic():
+        check_queue_room()
         version = version or snapshot_version(card, author=user)
         if version.card_id != card.pk:
             raise LaunchError("That version belongs to another card.")
@@ -74,6 +86,60 @@ def launch_run(
         transaction.on_commit(gate.admit_runs)
     log.info("run queued", extra={"run_id": run.pk})
     return run
+
+
+def check_queue_room() -> None:
+    """Inside the launch's transaction: refuse a new run while MAX_QUEUE_LENGTH runs wait, so
+    the queue cannot grow without bound. The advisory lock (held until commit) makes the count
+    and the insert one step for concurrent launches."""
+    limit = settings.MAX_QUEUE_LENGTH
+    if not limit:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ADMISSION_LOCK_KEY])
+        cursor.execute("SELECT count(*) FROM testruns_testrun WHERE status = 'queued'")
+        waiting = cursor.fetchone()[0]
+    if waiting >= limit:
+        raise QueueFull(f"The queue is full: {waiting} runs are waiting and the limit is "
+                        f"{limit}. Try again when some have started.")
+
+
+def select_cases(card: PromptCard, *, case_ids: Sequence[int] | None = None,
+                 tags: Sequence[str] | None = None) -> list[TestCase]:
+    """The cases of `card` to run: the given ids (in case order; disabled ones too, since they
+    were asked for by id), else its enabled cases with any of `tags`, else all enabled ones.
+    Raises LaunchError for ids that are not the card's and when nothing is left to run."""
+    if case_ids:
+        wanted = set(case_ids)
+        cases = list(card.cases.filter(pk__in=wanted))
+        unknown = sorted(wanted - {case.pk for case in cases})
+        if unknown:
+            raise LaunchError(f"{card.name} has no test case with the id "
+                              f"{', '.join(map(str, unknown))}.")
+        return cases
+    cases = card.cases.filter(enabled=True)
+    if tags:
+        cases = cases.filter(tags__overlap=list(tags))
+        if not cases.exists():
+            raise LaunchError(f"{card.name} has no enabled test case tagged "
+                              f"{' or '.join(tags)}.")
+    return list(cases)
+
+
+def launch_runs(*, cards: Sequence[PromptCard], providers: Sequence[Provider], user=None,
+                case_ids: Sequence[int] | None = None, tags: Sequence[str] | None = None,
+                priority: int = 0, **config) -> list[TestRun]:
+    """One run per (card, provider), all or none: a LaunchError (a disabled provider, no
+    cases, a full queue) for any of them queues none. Runs of one batch share a
+    comparison group, so reports can set them side by side."""
+    group = uuid.uuid4() if len(cards) * len(providers) > 1 else None
+    with transaction.atomic():
+        return [
+            launch_run(card=card, provider=provider, user=user, priority=priority,
+                       cases=select_cases(card, case_ids=case_ids, tags=tags),
+                       comparison_group=group, **config)
+            for card in cards for provider in providers
+        ]
 
 
 def ensure_semaphores(provider: Provider) -> None:

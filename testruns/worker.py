@@ -11,6 +11,7 @@ import threading
 import dramatiq
 from django.conf import settings
 from django.db import close_old_connections, connection
+from django.db.models.functions import Now
 from django.utils import timezone
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,11 @@ log = logging.getLogger(__name__)
 
 _stopping = threading.Event()
 _worker: dramatiq.Worker | None = None
+_pressure: str | None = None  # why this host takes no new case, refreshed by the keeper
+
+
+def host_pressure() -> str | None:
+    return _pressure
 
 
 def is_running() -> bool:
@@ -29,7 +35,7 @@ def may_keep_cases() -> bool:
     """Whether a thread that freed a slot should run the next case itself. Not while this
     process has prefetched messages waiting (they would starve behind a thread that keeps
     handing cases to itself), nor while stopping."""
-    return is_running() and (_worker is None or _worker.work_queue.empty())
+    return is_running() and _pressure is None and (_worker is None or _worker.work_queue.empty())
 
 
 def holder_id() -> str:
@@ -97,14 +103,17 @@ class LeaseKeeper(dramatiq.Middleware):
 
 
 def record_heartbeat(holder: str, started) -> None:
-    import psutil
-
+    """Refresh this process's row, and whether its host has room for new cases."""
+    global _pressure
+    from testruns import resources
     from testruns.models import WorkerHeartbeat
 
-    memory = psutil.virtual_memory()
+    snapshot = resources.host_snapshot()
+    _pressure = resources.host_pressure(snapshot)
     WorkerHeartbeat.objects.update_or_create(holder=holder, defaults={
         "hostname": socket.gethostname(), "pid": os.getpid(), "started_at": started,
-        "last_seen": timezone.now(), "cpu_percent": psutil.cpu_percent(interval=None),
-        "memory_available_mb": memory.available / 2**20,
-        "load_average": os.getloadavg()[0],
+        "last_seen": Now(), "cpu_percent": snapshot.cpu_percent,
+        "memory_available_mb": snapshot.memory_available_mb,
+        "load_average": snapshot.load_average[0],
+        "accepting": _pressure is None, "note": _pressure or "",
     })

@@ -265,3 +265,23 @@ def test_a_cancelled_case_stops_holding_its_worker_thread(
     quick.refresh_from_db()
     assert quick.status == "succeeded"
     assert fake_llm.in_flight == 1  # the abandoned call itself runs out on its own timeout
+
+
+def test_a_busy_host_leaves_cases_to_other_workers(
+    worker_factory, fake_llm, llm_provider, make_card
+):
+    from testruns.models import WorkerHeartbeat
+
+    busy = worker_factory(processes=1, threads=2,
+                          env={"WORKER_MIN_FREE_MEMORY_MB": str(10**12)})
+    wait_for(lambda: WorkerHeartbeat.objects.filter(accepting=False).exists(),
+             what="the busy worker to say so")
+    note = WorkerHeartbeat.objects.get(accepting=False).note
+    assert note.startswith("free memory") and "MB <" in note
+
+    run = services.launch_run(card=make_card(cases=3), provider=llm_provider)
+    wait_for(lambda: "goes back to the broker" in busy.output(), what="the busy host to pass")
+    worker_factory(processes=1, threads=2)
+    wait_for(lambda: all_finished([run]), timeout=60, what="the other worker to run it")
+    run.refresh_from_db()
+    assert run.status == "succeeded" and run.passed_count == 3

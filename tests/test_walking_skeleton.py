@@ -97,3 +97,19 @@ def test_websocket_from_a_foreign_origin_is_rejected(asgi_server, session_cookie
         connect(f"ws://{asgi_server}/ws/runs/1/",
                 additional_headers={"Cookie": session_cookie, "Origin": "http://evil.example"})
     assert "403" in str(rejected.value)
+
+
+def test_an_idle_websocket_outlives_the_redis_read_timeout(
+    asgi_server, make_card, simulator, launcher, session_cookie
+):
+    """channels_redis blocks 5 s per read of the channel layer; redis-py 8's default socket
+    timeout is also 5 s, which used to kill every consumer left idle that long."""
+    run = launch_run(card=make_card(), provider=simulator, user=launcher)
+    with connect(f"ws://{asgi_server}/ws/runs/{run.pk}/",
+                 additional_headers={"Cookie": session_cookie,
+                                     "Origin": f"http://{asgi_server}"}) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "snapshot"
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=8)  # nothing happens for longer than the old 5 s limit...
+        ws.send(json.dumps({"type": "resync"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "snapshot"  # ...and it still works

@@ -1,0 +1,257 @@
+"""Cards, their versions and test cases, and providers: what runs are made of."""
+
+from __future__ import annotations
+
+from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
+from django.http import HttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    extend_schema,
+    extend_schema_view,
+    inline_serializer,
+)
+from rest_framework import exceptions, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from testruns import card_files, services
+from testruns.api.params import query_bool, query_choice, query_int, query_text
+from testruns.api.permissions import CommandProvidersForSuperusers, ModelPermissions
+from testruns.models import PromptCard, PromptVersion, Provider, TestCase
+from testruns.serializers import (
+    BIG_INT,
+    CardSerializer,
+    ProviderSerializer,
+    TestCaseSerializer,
+    VersionSerializer,
+)
+
+
+class RefetchAfterSaveMixin:
+    """Answer writes with the object as the list shows it (with its annotations)."""
+
+    def perform_create(self, serializer) -> None:
+        self.after_save(serializer.save(**self.save_kwargs()), serializer)
+
+    def perform_update(self, serializer) -> None:
+        self.after_save(serializer.save(), serializer)
+
+    def save_kwargs(self) -> dict:
+        return {}
+
+    def after_save(self, instance, serializer) -> None:
+        serializer.instance = self.get_queryset().get(pk=instance.pk)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[
+            OpenApiParameter("tag", OpenApiTypes.STR, description="Cards with this tag."),
+            OpenApiParameter("slug", OpenApiTypes.STR, description="The card with this slug."),
+        ]
+    )
+)
+class CardViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
+    """Prompt cards. Saving a changed prompt snapshots a new immutable version (with
+    `change_note`); a card with runs cannot be deleted (409)."""
+
+    serializer_class = CardSerializer
+    permission_classes = [ModelPermissions]
+    queryset = PromptCard.objects.all()
+
+    def get_queryset(self) -> QuerySet[PromptCard]:
+        latest = PromptVersion.objects.filter(card=OuterRef("pk")).order_by("-number")
+        cases = (
+            TestCase.objects.filter(card=OuterRef("pk"))
+            .order_by()
+            .values("card")
+            .annotate(n=Count("pk"))
+            .values("n")
+        )
+        cards = (
+            PromptCard.objects.select_related("owner")
+            .annotate(
+                latest_version=Subquery(latest.values("number")[:1]),
+                case_count=Coalesce(Subquery(cases), 0),
+            )
+            .order_by("name", "pk")
+        )
+        if self.action == "list":
+            if tag := query_text(self.request, "tag", max_length=50):
+                cards = cards.filter(tags__contains=[tag])
+            if slug := query_text(self.request, "slug"):
+                cards = cards.filter(slug=slug)
+        return cards
+
+    def save_kwargs(self) -> dict:
+        return {"owner": self.request.user}
+
+    def after_save(self, instance, serializer) -> None:
+        note = serializer.validated_data.get("change_note", "")
+        services.snapshot_version(instance, author=self.request.user, note=note)
+        super().after_save(instance, serializer)
+
+    @extend_schema(request=None, responses={201: CardSerializer})
+    @action(detail=True, methods=["post"])
+    def duplicate(self, request: Request, pk=None) -> Response:
+        """Copy the card and its test cases under a free "<slug>-copy" slug."""
+        if not request.user.has_perm("testruns.add_promptcard"):
+            raise exceptions.PermissionDenied("You may not add cards.")
+        copy = services.duplicate_card(self.get_object(), user=request.user)
+        return Response(
+            self.get_serializer(self.get_queryset().get(pk=copy.pk)).data,
+            status=status.HTTP_201_CREATED,
+        )
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("file_format", OpenApiTypes.STR, enum=["yaml", "json"]),
+            OpenApiParameter(
+                "slug", OpenApiTypes.STR, many=True, description="Only these cards (default: all)."
+            ),
+        ],
+        responses={(200, "text/plain"): OpenApiTypes.STR},
+    )
+    @action(detail=False, methods=["get"], url_path="export")
+    def export(self, request: Request) -> HttpResponse:
+        """Cards with their test cases as YAML or JSON (the import_cards file format)."""
+        fmt = query_choice(request, "file_format", ["yaml", "json"]) or "yaml"
+        slugs = request.query_params.getlist("slug")
+        if any(len(slug) > 200 or "\x00" in slug for slug in slugs):
+            raise exceptions.ValidationError({"slug": ["Enter card slugs."]})
+        cards = PromptCard.objects.prefetch_related("cases").order_by("slug")
+        if slugs:
+            cards = cards.filter(slug__in=slugs)
+        content_type = "application/json" if fmt == "json" else "application/yaml"
+        return HttpResponse(card_files.export_cards(cards, fmt), content_type=content_type)
+
+    @extend_schema(
+        request=inline_serializer(
+            "CardImport",
+            {
+                "filename": serializers.CharField(
+                    max_length=200,
+                    help_text=("Its extension decides the format: .yaml, .yml, .json or .csv."),
+                ),
+                "content": serializers.CharField(trim_whitespace=False),
+                "card": serializers.IntegerField(
+                    required=False, allow_null=True, help_text="For a CSV: the card of its cases."
+                ),
+            },
+        ),
+        responses={
+            200: inline_serializer(
+                "CardImportReport",
+                {
+                    "summary": serializers.CharField(),
+                    **{
+                        name: serializers.IntegerField()
+                        for name in (
+                            "cards_created",
+                            "cards_updated",
+                            "cards_unchanged",
+                            "cases_created",
+                            "cases_updated",
+                            "cases_unchanged",
+                            "versions_created",
+                        )
+                    },
+                },
+            )
+        },
+    )
+    @action(detail=False, methods=["post"], url_path="import")
+    def import_file(self, request: Request) -> Response:
+        """Import cards and cases as the admin's import page does: all or nothing, every
+        problem named with its place in the file."""
+        if not request.user.has_perm("testruns.add_promptcard"):
+            raise exceptions.PermissionDenied("You may not add cards.")
+        data = request.data if isinstance(request.data, dict) else {}
+        filename, content = data.get("filename"), data.get("content")
+        if not isinstance(filename, str) or not filename or len(filename) > 200:
+            raise exceptions.ValidationError({"filename": ["Give the file's name."]})
+        if not isinstance(content, str):
+            raise exceptions.ValidationError({"content": ["Give the file's text."]})
+        card = None
+        if filename.lower().endswith(".csv"):
+            card_id = data.get("card")
+            card = (
+                PromptCard.objects.filter(pk=card_id).first()
+                if isinstance(card_id, int) and 0 < card_id <= BIG_INT
+                else None
+            )
+        try:
+            report = card_files.import_cards(
+                content, filename=filename, user=request.user, card=card
+            )
+        except card_files.CardFileError as exc:
+            raise exceptions.ValidationError({"content": exc.errors}) from None
+        return Response({"summary": report.summary(), **vars(report)})
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[
+            OpenApiParameter("card", OpenApiTypes.INT, description="Versions of this card.")
+        ]
+    )
+)
+class VersionViewSet(viewsets.ReadOnlyModelViewSet):
+    """Immutable prompt snapshots; a new one appears when a card's prompt changes."""
+
+    serializer_class = VersionSerializer
+    permission_classes = [ModelPermissions]
+    read_permissions = ("testruns.view_promptcard",)
+    queryset = PromptVersion.objects.all()
+
+    def get_queryset(self) -> QuerySet[PromptVersion]:
+        versions = PromptVersion.objects.select_related("author").order_by("card_id", "-number")
+        if self.action == "list" and (card := query_int(self.request, "card")):
+            versions = versions.filter(card_id=card)
+        return versions
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[
+            OpenApiParameter("card", OpenApiTypes.INT, description="Cases of this card."),
+            OpenApiParameter("tag", OpenApiTypes.STR, description="Cases with this tag."),
+            OpenApiParameter("enabled", OpenApiTypes.BOOL),
+        ]
+    )
+)
+class TestCaseViewSet(viewsets.ModelViewSet):
+    """Test cases: variables for the card's template, and assertions on the answer."""
+
+    serializer_class = TestCaseSerializer
+    permission_classes = [ModelPermissions]
+    read_permissions = ("testruns.view_promptcard",)
+    queryset = TestCase.objects.all()
+
+    def get_queryset(self) -> QuerySet[TestCase]:
+        cases = TestCase.objects.order_by("card_id", "order", "pk")
+        if self.action == "list":
+            if card := query_int(self.request, "card"):
+                cases = cases.filter(card_id=card)
+            if tag := query_text(self.request, "tag", max_length=50):
+                cases = cases.filter(tags__contains=[tag])
+            if (enabled := query_bool(self.request, "enabled")) is not None:
+                cases = cases.filter(enabled=enabled)
+        return cases
+
+
+class ProviderViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
+    """LLM providers. `api_key_env` names the environment variable that holds the key on
+    the workers; a key itself is never accepted or shown. Local command providers are for
+    superusers only. A provider with runs cannot be deleted (409); disable it instead."""
+
+    serializer_class = ProviderSerializer
+    permission_classes = [ModelPermissions, CommandProvidersForSuperusers]
+    queryset = Provider.objects.order_by("name")
+
+    def after_save(self, instance, serializer) -> None:
+        services.save_provider_limit(instance)
+        super().after_save(instance, serializer)

@@ -1,0 +1,51 @@
+"""Query parameters, checked: a bad value is a 400 naming the parameter, never a database
+error."""
+
+from __future__ import annotations
+
+from rest_framework import exceptions
+from rest_framework.request import Request
+
+from testruns.serializers import BIG_INT
+
+
+def query_int(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise exceptions.ValidationError({name: ["Enter a whole number."]}) from None
+    if not 1 <= value <= BIG_INT:
+        raise exceptions.ValidationError({name: ["No object has that id."]})
+    return value
+
+
+def query_text(request: Request, name: str, *, max_length: int = 200) -> str | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    if len(raw) > max_length or "\x00" in raw:
+        raise exceptions.ValidationError(
+            {name: [f"Enter at most {max_length} characters, without NUL."]}
+        )
+    return raw
+
+
+def query_choice(request: Request, name: str, choices: list[str]) -> str | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    if raw not in choices:
+        raise exceptions.ValidationError({name: [f"Choose one of: {', '.join(choices)}."]})
+    return raw
+
+
+def query_bool(request: Request, name: str) -> bool | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    if raw.lower() not in ("true", "false", "1", "0"):
+        raise exceptions.ValidationError({name: ["Enter true or false."]})
+    return raw.lower() in ("true", "1")

@@ -1,0 +1,338 @@
+"""`manage.py run_card CARD`: test a prompt card from a CI pipeline.
+
+Queues one run per provider through the same gate as the pages and the API, and with --wait
+follows them (a progress line on stderr), writes JUnit XML and JSON reports, and exits 0 only
+when the pass rate reaches --fail-under. Exit codes: 0 pass, 1 below the bar (or --timeout),
+2 bad arguments, 75 queue full (try again later), 130 Ctrl-C and 143 SIGTERM (both cancel the
+runs first).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from testruns import reports, selectors, services
+from testruns.models import PromptCard, Provider, TestRun
+
+EX_USAGE = 2
+EX_TEMPFAIL = 75  # sysexits.h: "temporary failure", e.g. a full queue
+BAR_WIDTH = 20
+
+
+class Command(BaseCommand):
+    help = (
+        "Queue runs of a card (one per --provider) and, with --wait, follow them and exit "
+        "0 only when the pass rate meets --fail-under."
+    )
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("card", metavar="CARD", help="The card's slug (or id).")
+        parser.add_argument(
+            "--provider",
+            "-p",
+            action="append",
+            default=[],
+            metavar="P",
+            help="A provider's name (or id); repeat for one run per provider. "
+            "Default: the only enabled provider.",
+        )
+        parser.add_argument(
+            "--tag",
+            "-t",
+            action="append",
+            default=[],
+            metavar="T",
+            help="Only enabled cases with this tag; repeat for any of several.",
+        )
+        parser.add_argument(
+            "--wait",
+            action="store_true",
+            help="Follow the runs until they finish (implied by --junit, --json and --timeout).",
+        )
+        parser.add_argument("--junit", metavar="FILE", help="Write a JUnit XML report.")
+        parser.add_argument("--json", metavar="FILE", help="Write a JSON report.")
+        parser.add_argument(
+            "--fail-under",
+            type=float,
+            default=100.0,
+            metavar="PCT",
+            help="Lowest pass rate, in percent, that exits 0 (default 100).",
+        )
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            metavar="SECONDS",
+            help="Stop waiting after this long: cancel the runs and exit 1.",
+        )
+        parser.add_argument("--priority", type=int, default=0, help="Higher runs first.")
+        parser.add_argument(
+            "--max-concurrent",
+            type=int,
+            default=4,
+            metavar="N",
+            help="Cases of one run in flight at once (default 4).",
+        )
+        parser.add_argument(
+            "--case-timeout",
+            type=float,
+            default=60.0,
+            metavar="SECONDS",
+            help="Timeout of one provider call (default 60).",
+        )
+        parser.add_argument(
+            "--max-retries",
+            type=int,
+            default=2,
+            metavar="N",
+            help="Retries of a call after 429, 5xx or a network error.",
+        )
+        parser.add_argument("--stop-on-failure", action="store_true")
+        parser.add_argument("--cache", action="store_true", help="Use the response cache.")
+        parser.add_argument("--repeats", type=int, default=1, metavar="N")
+        parser.add_argument("--user", metavar="USERNAME", help="Launch as this user.")
+        parser.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS")
+
+    def handle(self, *args, **options) -> None:
+        """1. Find the card, providers and user; check the options.
+        2. Queue one run per provider, all or none (a full queue exits 75).
+        3. Without waiting, print the run ids and stop. Otherwise follow the runs, cancelling
+           them on Ctrl-C, SIGTERM or --timeout; write the reports; exit by the pass rate."""
+        self.stderr.style_func = None  # progress is not an error: no red
+        card = find_card(options["card"])
+        providers = find_providers(options["provider"])
+        user = find_user(options["user"])
+        check_options(options)
+        try:
+            runs = services.launch_runs(
+                cards=[card],
+                providers=providers,
+                user=user,
+                tags=options["tag"] or None,
+                priority=options["priority"],
+                max_concurrent_tests=options["max_concurrent"],
+                timeout_seconds=options["case_timeout"],
+                max_retries=options["max_retries"],
+                stop_on_failure=options["stop_on_failure"],
+                use_cache=options["cache"],
+                repeats=options["repeats"],
+            )
+        except services.QueueFull as exc:
+            raise CommandError(str(exc), returncode=EX_TEMPFAIL) from None
+        except services.LaunchError as exc:
+            raise CommandError(str(exc), returncode=EX_USAGE) from None
+        for run in runs:
+            self.stderr.write(
+                f"Queued run #{run.pk}: {card.slug} on {run.provider.name} "
+                f"({run.total_cases} cases)"
+            )
+        if not (options["wait"] or options["junit"] or options["json"] or options["timeout"]):
+            self.stdout.write(" ".join(str(run.pk) for run in runs))
+            return
+        code = self.follow(runs, options)
+        if code:
+            sys.exit(code)
+
+    def follow(self, runs: list[TestRun], options: dict) -> int:
+        watcher = RunWatcher(runs, self.stderr, poll_interval=options["poll_interval"])
+        reason = watcher.wait(timeout=options["timeout"])
+        if reason is not None:
+            cancelled = [run.pk for run in watcher.runs if services.cancel_run(run)]
+            watcher.finish_line()
+            self.stderr.write(
+                f"{reason}: cancelled run(s) {', '.join(f'#{pk}' for pk in cancelled) or 'none'}."
+            )
+        finished = watcher.refresh()
+        self.write_reports(finished, options)
+        rate = reports.pass_rate(finished)
+        for run in finished:
+            self.stdout.write(summary_line(run))
+        percent = 100 * rate if rate is not None else 0.0
+        verdict = "PASS" if percent >= options["fail_under"] else "FAIL"
+        self.stdout.write(
+            f"pass rate {percent:.1f}% (at least {options['fail_under']:g}% needed): {verdict}"
+        )
+        if reason is not None:
+            return watcher.exit_code or 1
+        return 0 if verdict == "PASS" else 1
+
+    def write_reports(self, runs: list[TestRun], options: dict) -> None:
+        if options["junit"]:
+            Path(options["junit"]).write_text(
+                reports.junit_xml_of_runs(runs, name=runs[0].card.slug), encoding="utf-8"
+            )
+            self.stderr.write(f"JUnit report: {options['junit']}")
+        if options["json"]:
+            rate = reports.pass_rate(runs)
+            document = {
+                "pass_rate": rate,
+                "fail_under": options["fail_under"] / 100,
+                "runs": [reports.run_json(run) for run in runs],
+            }
+            Path(options["json"]).write_text(
+                json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+            self.stderr.write(f"JSON report: {options['json']}")
+
+
+def find_card(key: str) -> PromptCard:
+    card = PromptCard.objects.filter(slug=key).first()
+    if card is None and key.isdigit():
+        card = PromptCard.objects.filter(pk=int(key)).first()
+    if card is None:
+        raise CommandError(f"No card with the slug {key!r}.", returncode=EX_USAGE)
+    return card
+
+
+def find_providers(keys: list[str]) -> list[Provider]:
+    """The named providers, or the only enabled one when none is named."""
+    if not keys:
+        enabled = list(Provider.objects.filter(enabled=True)[:2])
+        if len(enabled) == 1:
+            return enabled
+        names = ", ".join(Provider.objects.filter(enabled=True).values_list("name", flat=True))
+        raise CommandError(
+            "Choose the provider(s) with --provider: "
+            + (f"one of {names}." if names else "none is enabled."),
+            returncode=EX_USAGE,
+        )
+    providers = []
+    for key in dict.fromkeys(keys):
+        provider = Provider.objects.filter(name=key).first()
+        if provider is None and key.isdigit():
+            provider = Provider.objects.filter(pk=int(key)).first()
+        if provider is None:
+            raise CommandError(f"No provider named {key!r}.", returncode=EX_USAGE)
+        providers.append(provider)
+    return providers
+
+
+def find_user(username: str | None):
+    if username is None:
+        return None
+    user = get_user_model().objects.filter(username=username).first()
+    if user is None:
+        raise CommandError(f"No user named {username!r}.", returncode=EX_USAGE)
+    return user
+
+
+def check_options(options: dict) -> None:
+    problems = []
+    if not 0 <= options["fail_under"] <= 100:
+        problems.append("--fail-under is a percentage from 0 to 100")
+    if options["timeout"] is not None and options["timeout"] <= 0:
+        problems.append("--timeout must be positive")
+    if not 1 <= options["max_concurrent"] <= 1000:
+        problems.append("--max-concurrent must be from 1 to 1000")
+    if not 0 < options["case_timeout"] <= 86_400:
+        problems.append("--case-timeout must be positive")
+    if not 0 <= options["max_retries"] <= 20 or not 1 <= options["repeats"] <= 100:
+        problems.append("--max-retries is 0 to 20 and --repeats 1 to 100")
+    if not -100 <= options["priority"] <= 100:
+        problems.append("--priority is from -100 to 100")
+    if options["poll_interval"] <= 0:
+        problems.append("--poll-interval must be positive")
+    if problems:
+        raise CommandError("; ".join(problems) + ".", returncode=EX_USAGE)
+
+
+def summary_line(run: TestRun) -> str:
+    evaluated = run.passed_count + run.failed_count + run.error_count
+    rate = f"{100 * run.passed_count / evaluated:.0f}%" if evaluated else "n/a"
+    return (
+        f"run #{run.pk} {run.card.slug} on {run.provider.name}: {run.status}, "
+        f"{run.passed_count} passed, {run.failed_count} failed, {run.error_count} error, "
+        f"{run.total_cases - evaluated} not evaluated (pass rate {rate})"
+    )
+
+
+def progress_text(run: TestRun, position: int | None) -> str:
+    """ "#3 in queue" while waiting, a bar with counts once running or done."""
+    if run.status == TestRun.Status.QUEUED:
+        return f"run #{run.pk}: #{position or '?'} in queue"
+    filled = BAR_WIDTH * run.done_count // run.total_cases if run.total_cases else BAR_WIDTH
+    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+    return (
+        f"run #{run.pk} [{bar}] {run.done_count}/{run.total_cases} done, "
+        f"{run.passed_count} passed, {run.failed_count} failed, {run.error_count} error"
+    )
+
+
+class RunWatcher:
+    """Polls the runs in the database until they finish, showing one progress line. On a
+    terminal the line is rewritten in place (\\r); in a CI log a new line is written only
+    when it changes. SIGINT and SIGTERM set a flag that ends the wait (the runs are then
+    cancelled by the caller), so no query is ever cut off half-way."""
+
+    def __init__(self, runs: list[TestRun], stream, *, poll_interval: float):
+        self.ids = [run.pk for run in runs]
+        self.runs = runs
+        self.stream = stream
+        self.poll_interval = poll_interval
+        self.interactive = stream.isatty()
+        self.stop = threading.Event()
+        self.exit_code: int | None = None
+        self.last_line = ""
+
+    def refresh(self) -> list[TestRun]:
+        by_id = {
+            run.pk: run
+            for run in TestRun.objects.filter(pk__in=self.ids).select_related(
+                "card", "provider", "version"
+            )
+        }
+        self.runs = [by_id[pk] for pk in self.ids]
+        return self.runs
+
+    def wait(self, *, timeout: float | None) -> str | None:
+        """Until every run has finished (None) or why the wait ended early."""
+        deadline = time.monotonic() + timeout if timeout else None
+        previous = {
+            sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            while True:
+                runs = self.refresh()
+                self.show(runs)
+                if all(run.is_finished for run in runs):
+                    self.finish_line()
+                    return None
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.exit_code = 1
+                    return f"Timed out after {timeout:g}s"
+                if self.stop.wait(self.poll_interval):
+                    return "Interrupted"
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def on_signal(self, signum: int, frame) -> None:
+        self.exit_code = 128 + signum
+        self.stop.set()
+
+    def show(self, runs: list[TestRun]) -> None:
+        positions: dict[int, int] = {}
+        if any(run.status == TestRun.Status.QUEUED for run in runs):
+            queue = selectors.queue_state()
+            positions = {run.pk: selectors.position_in(queue, run.pk) for run in runs}
+        line = " | ".join(progress_text(run, positions.get(run.pk)) for run in runs)
+        if line == self.last_line:
+            return
+        if self.interactive:
+            padding = " " * max(0, len(self.last_line) - len(line))
+            self.stream.write(f"\r{line}{padding}", ending="")
+            self.stream.flush()
+        else:
+            self.stream.write(line)
+        self.last_line = line
+
+    def finish_line(self) -> None:
+        if self.interactive and self.last_line:
+            self.stream.write("")

@@ -1,0 +1,187 @@
+"""A run as a report: JUnit XML for CI systems and a JSON document for programs. Plain
+functions of runs, shared by the CLI, the API and the report pages.
+
+JUnit mapping: one <testsuite> per run (named "<card slug> @ <provider>"), one <testcase> per
+case; a failed case carries <failure> with the assertions that failed, a provider or template
+error <error>, a skipped or never-run case <skipped>. The output goes in <system-out>.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from decimal import Decimal
+
+from testruns import selectors
+from testruns.models import TestResult, TestRun
+
+# XML 1.0 cannot hold these characters at all, escaped or not.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+MESSAGE_CHARS = 500
+RESULT_FIELDS = [
+    "id", "position", "case_id", "case_name", "status", "variables", "prompt", "output",
+    "assertion_results", "score", "latency_ms", "tokens_in", "tokens_out", "cost", "attempts",
+    "repeat_passes", "cached", "error", "started_at", "finished_at",
+]  # fmt: skip
+
+
+def _xml_text(value: object) -> str:
+    return _NOT_XML.sub("\ufffd", "" if value is None else str(value))
+
+
+def _results(run: TestRun) -> Iterator[TestResult]:
+    return run.results.order_by("position").iterator(chunk_size=500)
+
+
+def failed_assertions(result: TestResult) -> list[str]:
+    """The reasons of the assertions that did not pass, e.g. "contains: 'x' not found"."""
+    return [
+        f"{outcome.get('type', '?')}: {outcome.get('reason', '')}"
+        for outcome in result.assertion_results or []
+        if isinstance(outcome, dict) and not outcome.get("passed")
+    ]
+
+
+def suite_name(run: TestRun) -> str:
+    return f"{run.card.slug} @ {run.provider.name}"
+
+
+def _testcase(suite: ET.Element, run: TestRun, result: TestResult) -> None:
+    seconds = (result.latency_ms or 0) / 1000
+    case = ET.SubElement(
+        suite,
+        "testcase",
+        name=_xml_text(result.case_name),
+        classname=_xml_text(run.card.slug),
+        time=f"{seconds:.3f}",
+    )
+    if result.status == TestResult.Status.FAILED:
+        reasons = failed_assertions(result) or ["the case did not pass"]
+        element = ET.SubElement(
+            case,
+            "failure",
+            type="AssertionFailed",
+            message=_xml_text("; ".join(reasons))[:MESSAGE_CHARS],
+        )
+        element.text = _xml_text("\n".join(reasons))
+    elif result.status == TestResult.Status.ERROR:
+        element = ET.SubElement(
+            case, "error", type="ProviderError", message=_xml_text(result.error)[:MESSAGE_CHARS]
+        )
+        element.text = _xml_text(result.error)
+    elif result.status != TestResult.Status.PASSED:
+        message = "skipped" if result.status == TestResult.Status.SKIPPED else "not run"
+        ET.SubElement(case, "skipped", message=message)
+    if result.output:
+        ET.SubElement(case, "system-out").text = _xml_text(result.output)
+
+
+def _testsuite(parent: ET.Element, run: TestRun) -> dict[str, int]:
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    suite = ET.SubElement(
+        parent,
+        "testsuite",
+        name=_xml_text(suite_name(run)),
+        timestamp=(run.started_at or run.queued_at).isoformat(),
+    )
+    properties = ET.SubElement(suite, "properties")
+    for name, value in [
+        ("run_id", run.pk),
+        ("status", run.status),
+        ("card", run.card.slug),
+        ("version", run.version.number),
+        ("provider", run.provider.name),
+        ("model", run.provider.model),
+    ]:
+        ET.SubElement(properties, "property", name=name, value=_xml_text(value))
+    total_seconds = 0.0
+    for result in _results(run):
+        _testcase(suite, run, result)
+        counts["tests"] += 1
+        counts["failures"] += result.status == TestResult.Status.FAILED
+        counts["errors"] += result.status == TestResult.Status.ERROR
+        counts["skipped"] += result.status not in selectors.EVALUATED
+        total_seconds += (result.latency_ms or 0) / 1000
+    for key, value in counts.items():
+        suite.set(key, str(value))
+    suite.set("time", f"{total_seconds:.3f}")
+    return counts
+
+
+def junit_xml_of_runs(runs: Iterable[TestRun], *, name: str = "prompt-card-runner") -> str:
+    root = ET.Element("testsuites", name=_xml_text(name))
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for run in runs:
+        for key, value in _testsuite(root, run).items():
+            totals[key] += value
+    for key, value in totals.items():
+        root.set(key, str(value))
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def junit_xml(run: TestRun) -> str:
+    """One run as a JUnit XML document."""
+    return junit_xml_of_runs([run], name=suite_name(run))
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Decimal):
+        return float(value)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def run_json(run: TestRun) -> dict:
+    """One run as a JSON-ready document: what ran, its totals and statistics, every result."""
+    statistics = {key: _plain(value) for key, value in selectors.run_statistics(run).items()}
+    return {
+        "run": {
+            "id": run.pk,
+            "status": run.status,
+            "card": run.card.slug,
+            "card_name": run.card.name,
+            "version": run.version.number,
+            "provider": run.provider.name,
+            "model": run.provider.model,
+            "priority": run.priority,
+            "launched_by": run.launched_by.get_username() if run.launched_by else None,
+            "config": {
+                "max_concurrent_tests": run.max_concurrent_tests,
+                "timeout_seconds": run.timeout_seconds,
+                "stop_on_failure": run.stop_on_failure,
+                "max_retries": run.max_retries,
+                "use_cache": run.use_cache,
+                "repeats": run.repeats,
+            },
+            "queued_at": _plain(run.queued_at),
+            "started_at": _plain(run.started_at),
+            "finished_at": _plain(run.finished_at),
+            "error_message": run.error_message,
+            "total_cases": run.total_cases,
+            "done_count": run.done_count,
+            "passed_count": run.passed_count,
+            "failed_count": run.failed_count,
+            "error_count": run.error_count,
+            "tokens_in": run.tokens_in,
+            "tokens_out": run.tokens_out,
+            "cost": _plain(run.cost),
+        },
+        "statistics": statistics,
+        "results": [
+            {field: _plain(getattr(result, field)) for field in RESULT_FIELDS}
+            for result in _results(run)
+        ],
+    }
+
+
+def pass_rate(runs: Iterable[TestRun]) -> float | None:
+    """Passed over evaluated cases (skipped ones do not count) across the runs; None when
+    nothing was evaluated."""
+    passed = evaluated = 0
+    for run in runs:
+        passed += run.passed_count
+        evaluated += run.passed_count + run.failed_count + run.error_count
+    return passed / evaluated if evaluated else None

@@ -1,0 +1,176 @@
+"""`manage.py run_card` as a CI pipeline runs it: a child process against the test database,
+real Dramatiq workers, and the fake OpenAI-compatible server over HTTP."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from testruns import gate, services
+from testruns.models import Provider, TestCase, TestRun
+from tests.conftest import ROOT, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def fake_openai(fake_llm):
+    return Provider.objects.create(
+        name="fake-openai",
+        kind=Provider.Kind.OPENAI,
+        model="fake-1",
+        base_url=fake_llm.base_url,
+        timeout_seconds=30,
+    )
+
+
+def run_card(env: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", "run_card", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def junit_counts(path) -> tuple[int, int, int, list[str]]:
+    suite = ET.parse(path).getroot().find("testsuite")
+    messages = [failure.get("message") for failure in suite.iter("failure")]
+    return int(suite.get("tests")), int(suite.get("failures")), int(suite.get("errors")), messages
+
+
+def test_passing_card_exits_0_and_failing_card_exits_1_with_junit_reports(
+    process_env, worker_factory, fake_openai, make_card, tmp_path
+):
+    make_card("passing", cases=3)
+    failing = make_card("failing", cases=3)
+    TestCase.objects.filter(card=failing, name="case 1").update(
+        assertions=[{"type": "contains", "value": "never said"}]
+    )
+    worker_factory(processes=1, threads=4)
+
+    passed = run_card(
+        process_env,
+        "passing",
+        "--provider",
+        "fake-openai",
+        "--wait",
+        "--junit",
+        str(tmp_path / "passing.xml"),
+        "--json",
+        str(tmp_path / "passing.json"),
+    )
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert junit_counts(tmp_path / "passing.xml") == (3, 0, 0, [])
+    report = json.loads((tmp_path / "passing.json").read_text())
+    assert report["pass_rate"] == 1.0
+    assert [r["status"] for r in report["runs"][0]["results"]] == ["passed"] * 3
+    assert "3/3 done, 3 passed, 0 failed, 0 error" in passed.stderr
+    assert "pass rate 100.0%" in passed.stdout
+
+    failed = run_card(
+        process_env,
+        "failing",
+        "--provider",
+        "fake-openai",
+        "--junit",
+        str(tmp_path / "failing.xml"),
+    )
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    tests, failures, errors, messages = junit_counts(tmp_path / "failing.xml")
+    assert (tests, failures, errors) == (3, 1, 0)
+    assert "never said" in messages[0]
+    assert "pass rate 66.7% (at least 100% needed): FAIL" in failed.stdout
+
+    lenient = run_card(
+        process_env, "failing", "--provider", "fake-openai", "--wait", "--fail-under", "60"
+    )
+    assert lenient.returncode == 0, lenient.stdout + lenient.stderr
+    assert TestRun.objects.filter(launched_by=None).count() == 3
+
+
+def test_ctrl_c_while_waiting_cancels_the_run_and_exits_130(
+    process_env, fake_openai, make_card, tmp_path
+):
+    card = make_card("waiting", cases=2)
+    services.ensure_semaphores(fake_openai)
+    gate.set_limit(gate.RUNS, 1)
+    blocker = services.launch_run(card=card, provider=fake_openai)  # takes the only slot
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("w") as log:
+        child = subprocess.Popen(
+            [sys.executable, "manage.py", "run_card", "waiting", "-p", "fake-openai", "--wait"],
+            env=process_env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        try:
+            wait_for(
+                lambda: "#1 in queue" in log_path.read_text(),
+                timeout=60,
+                what="the queue position on stderr",
+            )
+            child.send_signal(signal.SIGINT)
+            stdout, _ = child.communicate(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+    assert child.returncode == 130, log_path.read_text()
+    run = TestRun.objects.exclude(pk=blocker.pk).get()
+    assert run.status == TestRun.Status.CANCELLED
+    assert f"Interrupted: cancelled run(s) #{run.pk}." in log_path.read_text()
+    assert TestRun.objects.get(pk=blocker.pk).status == TestRun.Status.RUNNING
+
+
+def test_a_full_queue_exits_75_and_queues_nothing(process_env, fake_openai, make_card):
+    card = make_card("busy", cases=1)
+    services.ensure_semaphores(fake_openai)
+    gate.set_limit(gate.RUNS, 0)
+    services.launch_run(card=card, provider=fake_openai)
+    result = run_card(process_env | {"MAX_QUEUE_LENGTH": "1"}, "busy", "-p", "fake-openai")
+    assert result.returncode == 75
+    assert "The queue is full" in result.stderr
+    assert TestRun.objects.count() == 1
+
+
+def test_bad_arguments_exit_2_with_a_clear_message(process_env, fake_openai, make_card):
+    make_card("card", cases=1)
+    Provider.objects.create(name="second", kind="simulator", model="s")
+    cases = [
+        (["nope"], "No card with the slug 'nope'."),
+        (["card"], "Choose the provider(s) with --provider: one of fake-openai, second."),
+        (["card", "-p", "ghost"], "No provider named 'ghost'."),
+        (
+            ["card", "-p", "second", "--tag", "missing"],
+            "Card has no enabled test case tagged missing.",
+        ),
+        (
+            ["card", "-p", "second", "--fail-under", "120"],
+            "--fail-under is a percentage from 0 to 100.",
+        ),
+    ]
+    for args, message in cases:
+        result = run_card(process_env, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+    assert not TestRun.objects.exists()
+
+
+def test_without_wait_it_prints_the_run_ids_and_exits_0(process_env, make_card, simulator):
+    make_card("quick", cases=1)
+    other = Provider.objects.create(name="other", kind="simulator", model="s")
+    result = run_card(process_env, "quick", "-p", simulator.name, "-p", str(other.pk))
+    assert result.returncode == 0, result.stderr
+    ids = [int(pk) for pk in result.stdout.split()]
+    runs = TestRun.objects.filter(pk__in=ids)
+    assert {run.provider.name for run in runs} == {simulator.name, "other"}
+    assert len({run.comparison_group for run in runs}) == 1
