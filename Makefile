@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test lint bench clean
+.PHONY: run test browser lint bench clean
 
 $(VENV)/.installed: requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required, found " + sys.version.split()[0])'
@@ -19,8 +19,21 @@ $(VENV)/.installed: requirements.txt
 run: $(VENV)/.installed
 	@$(PY) -m project.stack run
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	@$(PY) -m project.stack test -- $(ARGS)
+
+# The browser tests drive Debian's chromium (Playwright's own browser download is not used).
+# Install it where it is missing and apt-get is there; without it those tests fail in CI and
+# are skipped on a developer machine that has no apt.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@if [ ! -x $(CHROMIUM) ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing chromium with apt-get for the browser tests..."; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			chromium >/dev/null || echo "Could not install chromium; browser tests will not run."; \
+	fi
 
 bench: $(VENV)/.installed
 	@$(PY) -m project.stack exec -- $(PY) bench/engine_bench.py

@@ -29,6 +29,7 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
     group: str | None = None
     in_queue_group = False
     queue_version = 0
+    queue_seen: dict | None = None
 
     async def connect(self):
         # Accept first so that a refusal reaches the page as close code 4403 (a refused
@@ -60,6 +61,9 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
         snapshot = await database_sync_to_async(run_snapshot)(self.run)
         if snapshot["queue"]:
             self.queue_version = max(self.queue_version, snapshot["queue"]["version"])
+            self.queue_seen = {
+                key: snapshot["queue"][key] for key in ("position", "waiting", "slots")
+            }
         elif self.in_queue_group:
             await self.leave_queue_group()
         await self.send_json(snapshot)
@@ -67,15 +71,20 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
     async def run_event(self, event):
         if event["data"]["run"]["status"] != TestRun.Status.QUEUED:
             await self.leave_queue_group()
-        await self.send_json({key: value for key, value in event.items() if key != "type"}
-                             | {"type": event["kind"]})
+        await self.send_json(
+            {key: value for key, value in event.items() if key != "type"} | {"type": event["kind"]}
+        )
 
     async def queue_changed(self, event):
         """Derive this run's place from the one broadcast every waiting page receives."""
         if not self.in_queue_group or event["version"] <= self.queue_version:
             return  # an older broadcast overtaken by a newer one (or by the snapshot)
         self.queue_version = event["version"]
-        await self.send_json({"type": "queue", **queue_view(event, self.run.pk)})
+        view = queue_view(event, self.run.pk)
+        seen = {key: view[key] for key in ("position", "waiting", "slots")}
+        if seen != self.queue_seen:  # the queue changed, but not for this page
+            self.queue_seen = seen
+            await self.send_json({"type": "queue", **view})
 
     async def join_queue_group(self):
         await self.channel_layer.group_add(events.QUEUE_GROUP, self.channel_name)
@@ -131,17 +140,26 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         self.queue_version = event["version"]
         new = set(event["running"]) - self.watching
         if new:
-            await self.watch(await database_sync_to_async(visible_running_ids)(
-                self.user, sorted(new)))
-        await self.send_json({"type": "queue", "version": event["version"],
-                              "waiting": event["waiting"], "running": event["running"],
-                              "slots": event["slots"]})
+            await self.watch(
+                await database_sync_to_async(visible_running_ids)(self.user, sorted(new))
+            )
+        await self.send_json(
+            {
+                "type": "queue",
+                "version": event["version"],
+                "waiting": event["waiting"],
+                "running": event["running"],
+                "slots": event["slots"],
+            }
+        )
 
     async def run_event(self, event):
         run = event["data"]["run"]
         if run["status"] in TestRun.FINISHED and event["run_id"] in self.watching:
             self.watching.discard(event["run_id"])
-            await self.channel_layer.group_discard(events.run_group(event["run_id"]),
-                                                   self.channel_name)
-        await self.send_json({"type": "run", "run_id": event["run_id"], "seq": event["seq"],
-                              "run": run})
+            await self.channel_layer.group_discard(
+                events.run_group(event["run_id"]), self.channel_name
+            )
+        await self.send_json(
+            {"type": "run", "run_id": event["run_id"], "seq": event["seq"], "run": run}
+        )

@@ -29,13 +29,39 @@ EVENT_RESULT_LIMIT = 200
 TEXT_PREVIEW = 500
 DONE = ("passed", "failed", "error", "skipped")
 
-RUN_STATE = ["seq", "status", "phase", "total_cases", "done_count", "passed_count",
-             "failed_count", "error_count", "tokens_in", "tokens_out", "cost"]
+RUN_STATE = [
+    "seq",
+    "status",
+    "phase",
+    "total_cases",
+    "done_count",
+    "passed_count",
+    "failed_count",
+    "error_count",
+    "tokens_in",
+    "tokens_out",
+    "cost",
+]
 # Columns of the run row behind RUN_STATE (cost as a float: events travel as msgpack).
-RUN_STATE_COLUMNS = ("event_seq, status, phase, total_cases, done_count, passed_count, "
-                     "failed_count, error_count, tokens_in, tokens_out, cost::float8")
-RESULT_ROW = ["id", "position", "case_name", "status", "output", "error", "latency_ms",
-              "tokens_in", "tokens_out", "cost", "assertion_results", "attempts", "cached"]
+RUN_STATE_COLUMNS = (
+    "event_seq, status, phase, total_cases, done_count, passed_count, "
+    "failed_count, error_count, tokens_in, tokens_out, cost::float8"
+)
+RESULT_ROW = [
+    "id",
+    "position",
+    "case_name",
+    "status",
+    "output",
+    "error",
+    "latency_ms",
+    "tokens_in",
+    "tokens_out",
+    "cost",
+    "assertion_results",
+    "attempts",
+    "cached",
+]
 
 
 def run_group(run_id: int) -> str:
@@ -45,9 +71,11 @@ def run_group(run_id: int) -> str:
 def result_columns(alias: str = "") -> str:
     """The columns of a result row as pages see it (long texts cut to a preview)."""
     p = f"{alias}." if alias else ""
-    return (f"{p}id, {p}position, {p}case_name, {p}status, left({p}output, {TEXT_PREVIEW}), "
-            f"left({p}error, {TEXT_PREVIEW}), {p}latency_ms, {p}tokens_in, {p}tokens_out, "
-            f"{p}cost::float8, {p}assertion_results, {p}attempts, {p}cached")
+    return (
+        f"{p}id, {p}position, {p}case_name, {p}status, left({p}output, {TEXT_PREVIEW}), "
+        f"left({p}error, {TEXT_PREVIEW}), {p}latency_ms, {p}tokens_in, {p}tokens_out, "
+        f"{p}cost::float8, {p}assertion_results, {p}attempts, {p}cached"
+    )
 
 
 def result_row(values) -> dict:
@@ -69,7 +97,8 @@ def announce(run_id: int, *, kind: str = "status", force: bool = True) -> None:
             "last_event_at = clock_timestamp() WHERE id = %s AND (%s OR last_event_at IS NULL "
             "OR last_event_at < clock_timestamp() - make_interval(secs => %s)) "
             f"RETURNING {RUN_STATE_COLUMNS}",
-            [run_id, force, PROGRESS_INTERVAL_MS / 1000])
+            [run_id, force, PROGRESS_INTERVAL_MS / 1000],
+        )
         row = cursor.fetchone()
         if row is None:
             return
@@ -77,12 +106,19 @@ def announce(run_id: int, *, kind: str = "status", force: bool = True) -> None:
         cursor.execute(
             f"UPDATE testruns_testresult SET announced_seq = %s WHERE run_id = %s "
             f"AND announced_seq IS NULL AND status = ANY(%s) RETURNING {result_columns()}",
-            [state["seq"], run_id, list(DONE)])
+            [state["seq"], run_id, list(DONE)],
+        )
         results = sorted(map(result_row, cursor.fetchall()), key=lambda r: r["position"])
     message = {
-        "type": "run.event", "kind": kind, "seq": state.pop("seq"), "run_id": run_id,
-        "data": {"run": state, "results": results[-EVENT_RESULT_LIMIT:],
-                 "more_results": max(0, len(results) - EVENT_RESULT_LIMIT)},
+        "type": "run.event",
+        "kind": kind,
+        "seq": state.pop("seq"),
+        "run_id": run_id,
+        "data": {
+            "run": state,
+            "results": results[-EVENT_RESULT_LIMIT:],
+            "more_results": max(0, len(results) - EVENT_RESULT_LIMIT),
+        },
     }
     transaction.on_commit(lambda: publish(run_group(run_id), message))
 
@@ -93,7 +129,9 @@ def flush_unannounced() -> int:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT DISTINCT run_id FROM testruns_testresult WHERE announced_seq IS NULL "
-            "AND status = ANY(%s)", [list(DONE)])
+            "AND status = ANY(%s)",
+            [list(DONE)],
+        )
         run_ids = [row[0] for row in cursor.fetchall()]
     for run_id in run_ids:
         with transaction.atomic():
@@ -106,6 +144,16 @@ def publish_queue_changed() -> None:
     derives its own position from it, and dashboards their lists and slot counts. It holds
     only run ids, priorities and slot counts, nothing private, and a version so that a page
     keeps the newest of broadcasts that arrive out of order."""
+    # One broadcast per transaction, however many changes it made to the queue: skip if one
+    # is already registered in this savepoint or an enclosing one (a rollback that drops it
+    # drops this change too).
+    if connection.in_atomic_block:
+        active = set(connection.savepoint_ids)
+        if any(
+            callback is publish_queue_state and sids <= active
+            for sids, callback, _ in connection.run_on_commit
+        ):
+            return
     transaction.on_commit(publish_queue_state)
 
 

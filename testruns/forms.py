@@ -13,35 +13,60 @@ class LaunchForm(forms.Form):
 
     class Selection:
         ALL, TAG, PICKED = "all", "tag", "picked"
-        CHOICES = [(ALL, "All enabled cases"), (TAG, "Cases with any of these tags"),
-                   (PICKED, "These cases")]
+        CHOICES = [
+            (ALL, "All enabled cases"),
+            (TAG, "Cases with any of these tags"),
+            (PICKED, "These cases"),
+        ]
 
     card = forms.ModelChoiceField(queryset=PromptCard.objects.all())
     version = forms.ModelChoiceField(
-        queryset=PromptVersion.objects.none(), required=False, empty_label="Latest",
-        help_text="The card's latest prompt unless you pick an older version.")
+        queryset=PromptVersion.objects.none(),
+        required=False,
+        empty_label="Latest",
+        help_text="The card's latest prompt unless you pick an older version.",
+    )
     providers = forms.ModelMultipleChoiceField(
-        queryset=Provider.objects.filter(enabled=True), widget=forms.CheckboxSelectMultiple,
-        help_text="Several providers launch one run each, grouped as a comparison.")
-    selection = forms.ChoiceField(choices=Selection.CHOICES, initial=Selection.ALL,
-                                  widget=forms.RadioSelect, label="Test cases")
-    tags = forms.MultipleChoiceField(choices=[], required=False,
-                                     widget=forms.CheckboxSelectMultiple)
-    cases = forms.ModelMultipleChoiceField(queryset=TestCase.objects.none(), required=False,
-                                           widget=forms.SelectMultiple(attrs={"size": 8}))
-    max_concurrent_tests = forms.IntegerField(initial=4, min_value=1, max_value=64,
-                                              label="Max concurrent cases")
-    timeout_seconds = forms.FloatField(initial=60, min_value=1, max_value=3600,
-                                       label="Timeout per case (s)")
+        queryset=Provider.objects.filter(enabled=True),
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Several providers launch one run each, grouped as a comparison.",
+    )
+    selection = forms.ChoiceField(
+        choices=Selection.CHOICES,
+        initial=Selection.ALL,
+        widget=forms.RadioSelect,
+        label="Test cases",
+    )
+    tags = forms.MultipleChoiceField(
+        choices=[], required=False, widget=forms.CheckboxSelectMultiple
+    )
+    cases = forms.ModelMultipleChoiceField(
+        queryset=TestCase.objects.none(),
+        required=False,
+        widget=forms.SelectMultiple(attrs={"size": 8}),
+    )
+    max_concurrent_tests = forms.IntegerField(
+        initial=4, min_value=1, max_value=64, label="Max concurrent cases"
+    )
+    timeout_seconds = forms.FloatField(
+        initial=60, min_value=1, max_value=3600, label="Timeout per case (s)"
+    )
     stop_on_failure = forms.BooleanField(required=False, label="Stop on first failure")
     max_retries = forms.IntegerField(initial=2, min_value=0, max_value=10, label="Retries")
     use_cache = forms.BooleanField(required=False, label="Use the response cache")
     repeats = forms.IntegerField(initial=1, min_value=1, max_value=20)
-    priority = forms.IntegerField(initial=0, min_value=-100, max_value=100,
-                                  help_text="Higher runs first.")
+    priority = forms.IntegerField(
+        initial=0, min_value=-100, max_value=100, help_text="Higher runs first."
+    )
 
-    CONFIG = ["max_concurrent_tests", "timeout_seconds", "stop_on_failure", "max_retries",
-              "use_cache", "repeats"]
+    CONFIG = [
+        "max_concurrent_tests",
+        "timeout_seconds",
+        "stop_on_failure",
+        "max_retries",
+        "use_cache",
+        "repeats",
+    ]
 
     def __init__(self, *args, card: PromptCard | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -50,13 +75,15 @@ class LaunchForm(forms.Form):
             return
         self.fields["card"].initial = card.pk
         self.fields["version"].queryset = card.versions.order_by("-number")
-        self.fields["version"].label_from_instance = (
-            lambda v: f"v{v.number} · {v.created_at:%Y-%m-%d %H:%M}"
-                      + (f" · {v.change_note}" if v.change_note else ""))
+        self.fields["version"].label_from_instance = lambda v: (
+            f"v{v.number} · {v.created_at:%Y-%m-%d %H:%M}"
+            + (f" · {v.change_note}" if v.change_note else "")
+        )
         enabled = card.cases.filter(enabled=True).order_by("order", "pk")
         self.fields["cases"].queryset = enabled
-        tags = sorted({tag for case_tags in enabled.values_list("tags", flat=True)
-                       for tag in case_tags})
+        tags = sorted(
+            {tag for case_tags in enabled.values_list("tags", flat=True) for tag in case_tags}
+        )
         self.fields["tags"].choices = [(tag, tag) for tag in tags]
 
     def clean(self):
@@ -90,14 +117,18 @@ class LaunchForm(forms.Form):
 
 
 class HistoryFilterForm(forms.Form):
-    card = forms.ModelChoiceField(queryset=PromptCard.objects.all(), required=False,
-                                  empty_label="Any card")
-    provider = forms.ModelChoiceField(queryset=Provider.objects.all(), required=False,
-                                      empty_label="Any provider")
-    status = forms.ChoiceField(choices=[("", "Any status"), *TestRun.Status.choices],
-                               required=False)
-    launcher = forms.ModelChoiceField(queryset=get_user_model().objects.none(),
-                                      required=False, empty_label="Anyone")
+    card = forms.ModelChoiceField(
+        queryset=PromptCard.objects.all(), required=False, empty_label="Any card"
+    )
+    provider = forms.ModelChoiceField(
+        queryset=Provider.objects.all(), required=False, empty_label="Any provider"
+    )
+    status = forms.ChoiceField(
+        choices=[("", "Any status"), *TestRun.Status.choices], required=False
+    )
+    launcher = forms.ModelChoiceField(
+        queryset=get_user_model().objects.none(), required=False, empty_label="Anyone"
+    )
     since = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
     until = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
 

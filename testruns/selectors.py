@@ -71,8 +71,12 @@ def queue_state() -> dict:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", [QUEUE_LOCK_KEY])
         cursor.execute(_QUEUE_STATE_SQL, [gate.RUNS])
         version, waiting, running, slots = cursor.fetchone()
-    return {"version": version, "waiting": json.loads(waiting), "running": json.loads(running),
-            "slots": json.loads(slots) if slots else [0, 0]}
+    return {
+        "version": version,
+        "waiting": json.loads(waiting),
+        "running": json.loads(running),
+        "slots": json.loads(slots) if slots else [0, 0],
+    }
 
 
 def position_in(queue: dict, run_id: int) -> int | None:
@@ -97,14 +101,20 @@ def recent_run_seconds(sample: int = 20) -> float | None:
             "SELECT avg(extract(epoch FROM finished_at - started_at))::float8 FROM ("
             "SELECT started_at, finished_at FROM testruns_testrun WHERE status = ANY(%s) "
             "AND started_at IS NOT NULL AND finished_at IS NOT NULL ORDER BY id DESC LIMIT %s"
-            ") recent", [list(COMPLETED_RUNS), sample])
+            ") recent",
+            [list(COMPLETED_RUNS), sample],
+        )
         return cursor.fetchone()[0]
 
 
 def queue_view(queue: dict, run_id: int) -> dict:
     """What a waiting page shows about the queue, from one queue_state()."""
-    return {"version": queue["version"], "position": position_in(queue, run_id),
-            "waiting": len(queue["waiting"]), "slots": queue["slots"]}
+    return {
+        "version": queue["version"],
+        "position": position_in(queue, run_id),
+        "waiting": len(queue["waiting"]),
+        "slots": queue["slots"],
+    }
 
 
 # --- Live run page -------------------------------------------------------------------------
@@ -126,47 +136,60 @@ def run_snapshot(run: TestRun, *, result_limit: int = LIVE_ROWS) -> dict:
     with connection.cursor() as cursor:
         cursor.execute(_RUN_STATE_SQL, [run.pk])
         row = cursor.fetchone()
-        state = dict(zip(events.RUN_STATE, row[:len(events.RUN_STATE)], strict=True))
-        since_queued, waited, running_for = row[len(events.RUN_STATE):]
+        state = dict(zip(events.RUN_STATE, row[: len(events.RUN_STATE)], strict=True))
+        since_queued, waited, running_for = row[len(events.RUN_STATE) :]
         cursor.execute(
             f"SELECT {events.result_columns()} FROM testruns_testresult "
             "WHERE run_id = %s AND status = ANY(%s) ORDER BY position DESC LIMIT %s",
-            [run.pk, list(events.DONE), result_limit])
+            [run.pk, list(events.DONE), result_limit],
+        )
         results = [events.result_row(values) for values in reversed(cursor.fetchall())]
     seq = state.pop("seq")
     queue = None
     if state["status"] == TestRun.Status.QUEUED:
         queue = queue_view(queue_state(), run.pk) | {
-            "waited_seconds": since_queued, "recent_run_seconds": recent_run_seconds()}
+            "waited_seconds": since_queued,
+            "recent_run_seconds": recent_run_seconds(),
+        }
     return {
         "type": "snapshot",
         "seq": seq,
-        "run": {"id": run.pk, **state,
-                "queue_position": queue["position"] if queue else None,
-                "waited_seconds": since_queued if waited is None else waited,
-                "running_seconds": running_for},
+        "run": {
+            "id": run.pk,
+            **state,
+            "queue_position": queue["position"] if queue else None,
+            "waited_seconds": since_queued if waited is None else waited,
+            "running_seconds": running_for,
+        },
         "queue": queue,
         "results": results,
     }
 
 
-def result_page(run: TestRun, *, page: int, per_page: int = 50,
-                status: str | None = None) -> dict:
+def result_page(run: TestRun, *, page: int, per_page: int = 50, status: str | None = None) -> dict:
     """Finished results of a run by position, one page at a time (rows as events carry
     them): what the live page fetches beyond the rows it keeps."""
     statuses = [status] if status in events.DONE else list(events.DONE)
     page = max(1, page)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM testruns_testresult WHERE run_id = %s "
-                       "AND status = ANY(%s)", [run.pk, statuses])
+        cursor.execute(
+            "SELECT count(*) FROM testruns_testresult WHERE run_id = %s AND status = ANY(%s)",
+            [run.pk, statuses],
+        )
         total = cursor.fetchone()[0]
         cursor.execute(
             f"SELECT {events.result_columns()} FROM testruns_testresult WHERE run_id = %s "
             "AND status = ANY(%s) ORDER BY position LIMIT %s OFFSET %s",
-            [run.pk, statuses, per_page, (page - 1) * per_page])
+            [run.pk, statuses, per_page, (page - 1) * per_page],
+        )
         rows = [events.result_row(values) for values in cursor.fetchall()]
-    return {"page": page, "per_page": per_page, "total": total,
-            "pages": max(1, -(-total // per_page)), "results": rows}
+    return {
+        "page": page,
+        "per_page": per_page,
+        "total": total,
+        "pages": max(1, -(-total // per_page)),
+        "results": rows,
+    }
 
 
 # --- Dashboard -----------------------------------------------------------------------------
@@ -174,30 +197,40 @@ def result_page(run: TestRun, *, page: int, per_page: int = 50,
 
 def slot_usage() -> list[dict]:
     """The run slots and every provider's call slots, in use and limit."""
-    names = {gate.provider_semaphore(p.pk): p.name
-             for p in Provider.objects.only("id", "name")}
+    names = {gate.provider_semaphore(p.pk): p.name for p in Provider.objects.only("id", "name")}
     slots = []
     for semaphore in Semaphore.objects.filter(
-            Q(name=gate.RUNS) | Q(name__startswith="provider:")).order_by("name"):
+        Q(name=gate.RUNS) | Q(name__startswith="provider:")
+    ).order_by("name"):
         if semaphore.name != gate.RUNS and semaphore.name not in names:
             continue
-        slots.append({
-            "name": semaphore.name,
-            "label": "Runs" if semaphore.name == gate.RUNS else names[semaphore.name],
-            "in_use": semaphore.in_use, "limit": semaphore.limit,
-        })
+        slots.append(
+            {
+                "name": semaphore.name,
+                "label": "Runs" if semaphore.name == gate.RUNS else names[semaphore.name],
+                "in_use": semaphore.in_use,
+                "limit": semaphore.limit,
+            }
+        )
     slots.sort(key=lambda slot: slot["name"] != gate.RUNS)
     return slots
 
 
 def run_summary(run: TestRun) -> dict:
     return {
-        "id": run.pk, "url": run.get_absolute_url(), "card": run.card.name,
-        "version": run.version.number, "provider": str(run.provider),
+        "id": run.pk,
+        "url": run.get_absolute_url(),
+        "card": run.card.name,
+        "version": run.version.number,
+        "provider": str(run.provider),
         "launched_by": run.launched_by.get_username() if run.launched_by else "",
-        "status": run.status, "phase": run.phase, "priority": run.priority,
-        "total_cases": run.total_cases, "done_count": run.done_count,
-        "passed_count": run.passed_count, "failed_count": run.failed_count,
+        "status": run.status,
+        "phase": run.phase,
+        "priority": run.priority,
+        "total_cases": run.total_cases,
+        "done_count": run.done_count,
+        "passed_count": run.passed_count,
+        "failed_count": run.failed_count,
         "error_count": run.error_count,
     }
 
@@ -209,9 +242,15 @@ def dashboard_state(user) -> dict:
     visible = runs_visible_to(user)
     shown = queue["waiting"][:DASHBOARD_QUEUE_ROWS]
     details = {run.pk: run for run in visible.filter(pk__in=[pk for pk, _ in shown])}
-    waiting = [{"id": pk, "priority": priority, "position": index + 1,
-                "run": run_summary(details[pk]) if pk in details else None}
-               for index, (pk, priority) in enumerate(shown)]
+    waiting = [
+        {
+            "id": pk,
+            "priority": priority,
+            "position": index + 1,
+            "run": run_summary(details[pk]) if pk in details else None,
+        }
+        for index, (pk, priority) in enumerate(shown)
+    ]
     running = visible.filter(status=TestRun.Status.RUNNING).order_by("started_at", "pk")
     recent = visible.filter(status__in=TestRun.FINISHED).order_by("-finished_at", "-pk")[:10]
     return {
@@ -250,12 +289,23 @@ def latency_percentile(fraction: float):
     """A subquery for a run's latency percentile over its finished cases."""
     return Subquery(
         TestResult.objects.filter(run=OuterRef("pk"), latency_ms__isnull=False)
-        .values("run").annotate(p=Percentile("latency_ms", fraction)).values("p"),
-        output_field=FloatField())
+        .values("run")
+        .annotate(p=Percentile("latency_ms", fraction))
+        .values("p"),
+        output_field=FloatField(),
+    )
 
 
-def filter_runs(runs: QuerySet[TestRun], *, card=None, provider=None, status=None,
-                launcher=None, since=None, until=None) -> QuerySet[TestRun]:
+def filter_runs(
+    runs: QuerySet[TestRun],
+    *,
+    card=None,
+    provider=None,
+    status=None,
+    launcher=None,
+    since=None,
+    until=None,
+) -> QuerySet[TestRun]:
     if card:
         runs = runs.filter(card=card)
     if provider:
@@ -271,26 +321,34 @@ def filter_runs(runs: QuerySet[TestRun], *, card=None, provider=None, status=Non
     return runs
 
 
-def card_trends(runs: QuerySet[TestRun], card_ids: list[int], *,
-                points: int = 30) -> dict[int, list[dict]]:
+def card_trends(
+    runs: QuerySet[TestRun], card_ids: list[int], *, points: int = 30
+) -> dict[int, list[dict]]:
     """Per card, its latest `points` completed runs among `runs`, oldest first, with pass
     rate and p95 latency: what the history page draws."""
-    latest = (runs.filter(card_id__in=card_ids, status__in=COMPLETED_RUNS,
-                          finished_at__isnull=False)
-              .annotate(nth=Window(RowNumber(), partition_by=[F("card_id")],
-                                   order_by=F("finished_at").desc()),
-                        p95=latency_percentile(0.95))
-              .filter(nth__lte=points)
-              .order_by("card_id", "finished_at")
-              .values("pk", "card_id", "finished_at", "passed_count", "failed_count",
-                      "error_count", "p95"))
+    latest = (
+        runs.filter(card_id__in=card_ids, status__in=COMPLETED_RUNS, finished_at__isnull=False)
+        .annotate(
+            nth=Window(RowNumber(), partition_by=[F("card_id")], order_by=F("finished_at").desc()),
+            p95=latency_percentile(0.95),
+        )
+        .filter(nth__lte=points)
+        .order_by("card_id", "finished_at")
+        .values(
+            "pk", "card_id", "finished_at", "passed_count", "failed_count", "error_count", "p95"
+        )
+    )
     trends: dict[int, list[dict]] = {card_id: [] for card_id in card_ids}
     for row in latest:
         evaluated = row["passed_count"] + row["failed_count"] + row["error_count"]
-        trends[row["card_id"]].append({
-            "run_id": row["pk"], "finished_at": row["finished_at"], "p95": row["p95"],
-            "pass_rate": row["passed_count"] / evaluated if evaluated else None,
-        })
+        trends[row["card_id"]].append(
+            {
+                "run_id": row["pk"],
+                "finished_at": row["finished_at"],
+                "p95": row["p95"],
+                "pass_rate": row["passed_count"] / evaluated if evaluated else None,
+            }
+        )
     return trends
 
 
@@ -309,18 +367,29 @@ def run_statistics(run: TestRun) -> dict:
             "percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms), "
             "COALESCE(sum(tokens_in), 0), COALESCE(sum(tokens_out), 0), "
             "COALESCE(sum(cost), 0) FROM testruns_testresult WHERE run_id = %s",
-            [list(EVALUATED), run.pk])
+            [list(EVALUATED), run.pk],
+        )
         passed, evaluated, skipped, p50, p95, tokens_in, tokens_out, cost = cursor.fetchone()
-        cursor.execute("SELECT extract(epoch FROM COALESCE(started_at, finished_at, now()) "
-                       "- queued_at)::float8, extract(epoch FROM finished_at - started_at)"
-                       "::float8 FROM testruns_testrun WHERE id = %s", [run.pk])
+        cursor.execute(
+            "SELECT extract(epoch FROM COALESCE(started_at, finished_at, now()) "
+            "- queued_at)::float8, extract(epoch FROM finished_at - started_at)"
+            "::float8 FROM testruns_testrun WHERE id = %s",
+            [run.pk],
+        )
         queue_wait, duration = cursor.fetchone()
     return {
-        "passed": passed, "evaluated": evaluated, "skipped": skipped,
+        "passed": passed,
+        "evaluated": evaluated,
+        "skipped": skipped,
         "pass_rate": passed / evaluated if evaluated else None,
-        "p50_ms": p50, "p95_ms": p95, "tokens_in": tokens_in, "tokens_out": tokens_out,
-        "cost": cost, "cost_per_pass": cost / passed if passed else None,
-        "queue_wait_seconds": queue_wait, "duration_seconds": duration,
+        "p50_ms": p50,
+        "p95_ms": p95,
+        "tokens_in": tokens_in,
+        "tokens_out": tokens_out,
+        "cost": cost,
+        "cost_per_pass": cost / passed if passed else None,
+        "queue_wait_seconds": queue_wait,
+        "duration_seconds": duration,
     }
 
 
@@ -333,9 +402,17 @@ def baseline_for(user, run: TestRun) -> TestRun | None:
         baseline = visible.filter(pk=pinned).first()
         if baseline is not None:
             return baseline
-    return (visible.filter(card=run.card_id, provider=run.provider_id,
-                           status__in=COMPLETED_RUNS, queued_at__lt=run.queued_at)
-            .exclude(pk=run.pk).order_by("-queued_at", "-pk").first())
+    return (
+        visible.filter(
+            card=run.card_id,
+            provider=run.provider_id,
+            status__in=COMPLETED_RUNS,
+            queued_at__lt=run.queued_at,
+        )
+        .exclude(pk=run.pk)
+        .order_by("-queued_at", "-pk")
+        .first()
+    )
 
 
 def case_key(case_id: int | None, case_name: str) -> str:
@@ -354,11 +431,14 @@ class CaseChange:
 
 def changes_since(baseline: TestRun, run: TestRun) -> dict[str, list[CaseChange]]:
     """Regressions (passed in the baseline, not now) and fixes (the reverse)."""
-    before = {case_key(c, n): s for c, n, s in
-              baseline.results.values_list("case_id", "case_name", "status")}
+    before = {
+        case_key(c, n): s
+        for c, n, s in baseline.results.values_list("case_id", "case_name", "status")
+    }
     regressions, fixes = [], []
     for case_id, name, position, status in run.results.values_list(
-            "case_id", "case_name", "position", "status").order_by("position"):
+        "case_id", "case_name", "position", "status"
+    ).order_by("position"):
         key = case_key(case_id, name)
         old = before.get(key)
         if old is None or status not in EVALUATED or old not in EVALUATED:
@@ -378,10 +458,18 @@ def side_by_side(runs: list[TestRun], *, differences_only: bool = False) -> list
     rows: dict[str, dict] = {}
     for column, run in enumerate(runs):
         for case_id, name, position, status in run.results.values_list(
-                "case_id", "case_name", "position", "status"):
+            "case_id", "case_name", "position", "status"
+        ):
             key = case_key(case_id, name)
-            row = rows.setdefault(key, {"key": key, "case_name": name, "position": position,
-                                        "statuses": [None] * len(runs)})
+            row = rows.setdefault(
+                key,
+                {
+                    "key": key,
+                    "case_name": name,
+                    "position": position,
+                    "statuses": [None] * len(runs),
+                },
+            )
             row["statuses"][column] = status
     ordered = sorted(rows.values(), key=lambda r: (r["position"], r["case_name"]))
     for row in ordered:
@@ -396,8 +484,9 @@ def fill_cells(runs: list[TestRun], rows: list[dict]) -> None:
     for run in runs:
         case_ids = [int(k[1:]) for k in keys if k.startswith("c")]
         names = [k[2:] for k in keys if k.startswith("n:")]
-        for result in run.results.filter(Q(case_id__in=case_ids) | Q(case_id=None,
-                                                                      case_name__in=names)):
+        for result in run.results.filter(
+            Q(case_id__in=case_ids) | Q(case_id=None, case_name__in=names)
+        ):
             by_key[(run.pk, case_key(result.case_id, result.case_name))] = result
     for row in rows:
         row["cells"] = [by_key.get((run.pk, row["key"])) for run in runs]

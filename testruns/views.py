@@ -23,12 +23,8 @@ from django.views.decorators.http import require_GET, require_POST
 from testruns import exports, selectors, services
 from testruns.forms import HistoryFilterForm, LaunchForm
 from testruns.models import PromptCard, TestRun
+from testruns.reports import junit_xml, run_json
 from testruns.selectors import get_run_for_user, runs_visible_to
-
-try:  # the API's report builders, shared when they are there
-    from testruns.reports import junit_xml, run_json
-except ImportError:
-    from testruns.exports import junit_xml, run_json
 
 HISTORY_PAGE_SIZE = 25
 REPORT_PAGE_SIZE = 50
@@ -56,8 +52,9 @@ def _page_number(request) -> int:
 
 @require_GET
 def dashboard(request):
-    return render(request, "testruns/dashboard.html",
-                  {"state": selectors.dashboard_state(request.user)})
+    return render(
+        request, "testruns/dashboard.html", {"state": selectors.dashboard_state(request.user)}
+    )
 
 
 @require_GET
@@ -83,11 +80,19 @@ def launch(request):
         group = uuid.uuid4() if len(providers) > 1 else None
         try:
             with transaction.atomic():  # all runs of a comparison, or none
-                runs = [services.launch_run(
-                    card=data["card"], provider=provider, user=request.user,
-                    cases=data["selected_cases"], version=data["version"],
-                    priority=data["priority"], comparison_group=group, **form.config(),
-                ) for provider in providers]
+                runs = [
+                    services.launch_run(
+                        card=data["card"],
+                        provider=provider,
+                        user=request.user,
+                        cases=data["selected_cases"],
+                        version=data["version"],
+                        priority=data["priority"],
+                        comparison_group=group,
+                        **form.config(),
+                    )
+                    for provider in providers
+                ]
         except services.LaunchError as exc:
             form.add_error(None, str(exc))
         else:
@@ -96,9 +101,15 @@ def launch(request):
                 return redirect(runs[0])
             messages.success(request, f"{len(runs)} runs queued for comparison.")
             return redirect("comparison", group=group)
-    return render(request, "testruns/launch.html", {
-        "form": form, "card": card, "cards": PromptCard.objects.order_by("name"),
-    })
+    return render(
+        request,
+        "testruns/launch.html",
+        {
+            "form": form,
+            "card": card,
+            "cards": PromptCard.objects.order_by("name"),
+        },
+    )
 
 
 # --- Live run page -------------------------------------------------------------------------
@@ -107,10 +118,15 @@ def launch(request):
 @require_GET
 def run_detail(request, pk):
     run = _run_or_404(request, pk)
-    return render(request, "testruns/run_detail.html", {
-        "run": run, "can_cancel": selectors.can_cancel(request.user, run),
-        "live_rows": selectors.LIVE_ROWS,
-    })
+    return render(
+        request,
+        "testruns/run_detail.html",
+        {
+            "run": run,
+            "can_cancel": selectors.can_cancel(request.user, run),
+            "live_rows": selectors.LIVE_ROWS,
+        },
+    )
 
 
 @require_GET
@@ -123,8 +139,9 @@ def run_status(request, pk):
 def run_results(request, pk):
     """Finished results by position, a page at a time, beyond what the live page keeps."""
     run = _run_or_404(request, pk)
-    return JsonResponse(selectors.result_page(run, page=_page_number(request),
-                                              status=request.GET.get("status")))
+    return JsonResponse(
+        selectors.result_page(run, page=_page_number(request), status=request.GET.get("status"))
+    )
 
 
 @require_POST
@@ -149,25 +166,39 @@ def run_cancel(request, pk):
 def history(request):
     form = HistoryFilterForm(request.GET or None, user=request.user)
     filters = form.cleaned_data if form.is_valid() else {}
-    runs = selectors.filter_runs(runs_visible_to(request.user), **{
-        key: value for key, value in filters.items() if value})
+    runs = selectors.filter_runs(
+        runs_visible_to(request.user), **{key: value for key, value in filters.items() if value}
+    )
     page = Paginator(runs.order_by("-queued_at", "-pk"), HISTORY_PAGE_SIZE).get_page(
-        request.GET.get("page"))
+        request.GET.get("page")
+    )
     card_ids = list(dict.fromkeys(run.card_id for run in page))[:TREND_CHARTS]
     if filters.get("card"):
         card_ids = [filters["card"].pk]
     trend_runs = selectors.filter_runs(
         runs_visible_to(request.user),
-        provider=filters.get("provider"), launcher=filters.get("launcher"))
+        provider=filters.get("provider"),
+        launcher=filters.get("launcher"),
+    )
     trends = selectors.card_trends(trend_runs, card_ids)
     names = dict(PromptCard.objects.filter(pk__in=card_ids).values_list("pk", "name"))
-    charts = [{"card": names[card_id], "chart": trend_chart(points)}
-              for card_id, points in trends.items() if points]
+    charts = [
+        {"card": names[card_id], "chart": trend_chart(points)}
+        for card_id, points in trends.items()
+        if points
+    ]
     query = request.GET.copy()
     query.pop("page", None)
-    return render(request, "testruns/history.html", {
-        "form": form, "page": page, "charts": charts, "query": query.urlencode(),
-    })
+    return render(
+        request,
+        "testruns/history.html",
+        {
+            "form": form,
+            "page": page,
+            "charts": charts,
+            "query": query.urlencode(),
+        },
+    )
 
 
 def trend_chart(points: list[dict], width: int = 560, height: int = 150) -> dict:
@@ -180,19 +211,32 @@ def trend_chart(points: list[dict], width: int = 560, height: int = 150) -> dict
     dots = []
     for i, point in enumerate(points):
         x = pad_x + (i * step if len(points) > 1 else inner_w / 2)
-        rate_y = (pad_y + inner_h * (1 - point["pass_rate"])
-                  if point["pass_rate"] is not None else None)
-        latency_y = (pad_y + inner_h * (1 - point["p95"] / top_latency)
-                     if point["p95"] is not None else None)
-        dots.append({**point, "x": round(x, 1), "rate_y": rate_y and round(rate_y, 1),
-                     "latency_y": latency_y and round(latency_y, 1)})
+        rate_y = (
+            pad_y + inner_h * (1 - point["pass_rate"]) if point["pass_rate"] is not None else None
+        )
+        latency_y = (
+            pad_y + inner_h * (1 - point["p95"] / top_latency) if point["p95"] is not None else None
+        )
+        dots.append(
+            {
+                **point,
+                "x": round(x, 1),
+                "rate_y": rate_y and round(rate_y, 1),
+                "latency_y": latency_y and round(latency_y, 1),
+            }
+        )
     return {
-        "width": width, "height": height, "pad_x": pad_x, "pad_y": pad_y,
-        "right": width - pad_x, "bottom": height - pad_y, "top_latency": round(top_latency),
-        "rate_line": " ".join(f"{d['x']},{d['rate_y']}" for d in dots
-                              if d["rate_y"] is not None),
-        "latency_line": " ".join(f"{d['x']},{d['latency_y']}" for d in dots
-                                 if d["latency_y"] is not None),
+        "width": width,
+        "height": height,
+        "pad_x": pad_x,
+        "pad_y": pad_y,
+        "right": width - pad_x,
+        "bottom": height - pad_y,
+        "top_latency": round(top_latency),
+        "rate_line": " ".join(f"{d['x']},{d['rate_y']}" for d in dots if d["rate_y"] is not None),
+        "latency_line": " ".join(
+            f"{d['x']},{d['latency_y']}" for d in dots if d["latency_y"] is not None
+        ),
         "dots": dots,
     }
 
@@ -211,21 +255,32 @@ def report(request, pk):
     marks = {}
     if changes:
         marks = {c.key: "regression" for c in changes["regressions"]} | {
-            c.key: "fix" for c in changes["fixes"]}
+            c.key: "fix" for c in changes["fixes"]
+        }
     status = request.GET.get("status", "")
     results = run.results.order_by("position")
     if status:
         results = results.filter(status=status)
     page = Paginator(results, REPORT_PAGE_SIZE).get_page(request.GET.get("page"))
-    rows = [(result, marks.get(selectors.case_key(result.case_id, result.case_name)))
-            for result in page]
-    return render(request, "testruns/report.html", {
-        "run": run, "stats": selectors.run_statistics(run), "baseline": baseline,
-        "baseline_stats": selectors.run_statistics(baseline) if baseline else None,
-        "changes": changes, "page": page, "rows": rows, "status": status,
-        "pinned": run.card.baseline_run_id == run.pk,
-        "can_pin": request.user.has_perm("testruns.change_promptcard"),
-    })
+    rows = [
+        (result, marks.get(selectors.case_key(result.case_id, result.case_name))) for result in page
+    ]
+    return render(
+        request,
+        "testruns/report.html",
+        {
+            "run": run,
+            "stats": selectors.run_statistics(run),
+            "baseline": baseline,
+            "baseline_stats": selectors.run_statistics(baseline) if baseline else None,
+            "changes": changes,
+            "page": page,
+            "rows": rows,
+            "status": status,
+            "pinned": run.card.baseline_run_id == run.pk,
+            "can_pin": request.user.has_perm("testruns.change_promptcard"),
+        },
+    )
 
 
 @require_POST
@@ -235,8 +290,10 @@ def pin_baseline(request, pk):
         return HttpResponseForbidden("You may not change cards.")
     unpin = request.POST.get("unpin") == "1"
     PromptCard.objects.filter(pk=run.card_id).update(baseline_run=None if unpin else run)
-    messages.success(request, f"{run.card.name}: baseline "
-                              + ("unpinned." if unpin else f"pinned to run #{run.pk}."))
+    messages.success(
+        request,
+        f"{run.card.name}: baseline " + ("unpinned." if unpin else f"pinned to run #{run.pk}."),
+    )
     return redirect("report", pk=run.pk)
 
 
@@ -282,8 +339,11 @@ def compare(request):
 
 @require_GET
 def comparison(request, group):
-    runs = list(runs_visible_to(request.user).filter(comparison_group=group)
-                .order_by("provider__name", "pk"))
+    runs = list(
+        runs_visible_to(request.user)
+        .filter(comparison_group=group)
+        .order_by("provider__name", "pk")
+    )
     if not runs:
         raise Http404("No such comparison.")
     return _compare_page(request, runs, group=group)
@@ -296,8 +356,16 @@ def _compare_page(request, runs: list[TestRun], *, group):
     selectors.fill_cells(runs, list(page))
     query = request.GET.copy()
     query.pop("page", None)
-    return render(request, "testruns/compare.html", {
-        "runs": runs, "page": page, "differences_only": differences_only, "group": group,
-        "query": query.urlencode(), "run_ids": ",".join(str(run.pk) for run in runs),
-        "self_url": reverse("comparison", args=[group]) if group else reverse("compare"),
-    })
+    return render(
+        request,
+        "testruns/compare.html",
+        {
+            "runs": runs,
+            "page": page,
+            "differences_only": differences_only,
+            "group": group,
+            "query": query.urlencode(),
+            "run_ids": ",".join(str(run.pk) for run in runs),
+            "self_url": reverse("comparison", args=[group]) if group else reverse("compare"),
+        },
+    )

@@ -309,6 +309,8 @@ def test_healthz_follows_a_real_worker_and_its_json_logs_carry_run_and_case_ids(
     wait_for(
         lambda: TestRun.objects.get(pk=run.pk).is_finished, timeout=60, what="the run to finish"
     )
+    # The worker logs "run finished" just after its commit: wait for the line, not the row.
+    wait_for(lambda: "run finished: succeeded" in worker.output(), what="the finish log line")
     lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
     about_the_run = [line for line in lines if line["run_id"] == run.pk]
     assert {line["message"] for line in about_the_run} >= {
