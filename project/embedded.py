@@ -62,7 +62,8 @@ class Server:
             self.process.wait()
 
 
-def wait_until(predicate, *, timeout: float, what: str, process: subprocess.Popen, log: Path):
+def wait_until(predicate, *, timeout: float, what: str, process: subprocess.Popen,
+               log: Path | str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

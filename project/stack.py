@@ -138,6 +138,9 @@ def run() -> int:
         ]
         for child in reversed(children):
             stack.callback(child.stop)
+        embedded.wait_until(lambda: embedded.port_is_open(int(port)), timeout=60,
+                            what="The web server", process=children[0].process,
+                            log="its output above")
         print(f"\nPrompt Card Runner is up: http://{host}:{port}/\n"
               f"Admin: http://{host}:{port}/admin/\nPress Ctrl-C to stop everything.\n",
               flush=True)
