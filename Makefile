@@ -1,6 +1,9 @@
 # The two commands: `make run` starts the whole app, `make test` runs the suite.
-# Both bootstrap a virtualenv with the machine's Python and, unless DATABASE_URL
-# and REDIS_URL are set, start PostgreSQL and Redis from their pip wheels under var/.
+# Both bootstrap a virtualenv with the machine's Python and start PostgreSQL and Redis
+# from their pip wheels, with generated passwords: `make run` under var/ unless
+# DATABASE_URL / REDIS_URL are set, and restarts whatever crashes (docs/operations.md);
+# `make test` in a throwaway directory, and refuses DATABASE_URL / REDIS_URL (it flushes
+# Redis): set TEST_DATABASE_URL / TEST_REDIS_URL to test against external servers.
 
 PYTHON ?= python3
 VENV := .venv

@@ -40,6 +40,8 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+# `make run` sets DEBUG=0 and a SECRET_KEY generated into var/secret-key.txt (see
+# project/stack.py); a bare `manage.py` keeps DEBUG on for development, and so do the tests.
 DEBUG = env_bool("DEBUG", True)
 
 _DEV_SECRET = "dev-only-insecure-secret-key-set-SECRET_KEY-in-production"
@@ -47,7 +49,20 @@ SECRET_KEY = os.environ.get("SECRET_KEY") or (_DEV_SECRET if DEBUG else "")
 if not SECRET_KEY:
     raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
 
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"] if DEBUG else [])
+
+def _local_hosts() -> list[str]:
+    """Loopback names and the address `make run` serves on (WEB_HOST), unless that is a
+    wildcard, which says nothing about the names clients use."""
+    hosts = ["127.0.0.1", "localhost", "[::1]"]
+    web_host = os.environ.get("WEB_HOST", "").strip()
+    if ":" in web_host and not web_host.startswith("["):
+        web_host = f"[{web_host}]"
+    if web_host and web_host not in {"0.0.0.0", "[::]"} and web_host not in hosts:
+        hosts.append(web_host)
+    return hosts
+
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", _local_hosts())
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
@@ -105,22 +120,51 @@ TEMPLATES = [
 
 # --- Database -------------------------------------------------------------------------------
 
-DATABASE_URL = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:54329/promptcards")
+# Without DATABASE_URL / REDIS_URL: the embedded servers of `make run`, with the passwords it
+# generated into var/ (so `manage.py shell` beside a running `make run` just works).
+VAR_DIR = Path(os.environ.get("VAR_DIR") or BASE_DIR / "var")
+
+
+def _credentials(user: str, service: str) -> str:
+    """`user:password@` with the password `make run` generated for `service`, if any."""
+    try:
+        password = (VAR_DIR / f"{service}-password.txt").read_text().strip()
+    except OSError:
+        password = ""
+    return f"{user}:{password}@" if password else (f"{user}@" if user else "")
+
+
+DATABASE_URL = os.environ.get("DATABASE_URL") or (
+    f"postgres://{_credentials('postgres', 'postgres')}127.0.0.1:"
+    f"{env_int('EMBEDDED_PG_PORT', 54329)}/promptcards"
+)
 DATABASES = {
     "default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
                                      conn_health_checks=True),
 }
 # A transaction left idle while holding a semaphore row would stall every worker; PostgreSQL
-# ends it instead. Statements have a ceiling for the same reason.
+# ends it instead. Statements have a ceiling for the same reason. The gate's transactions
+# take milliseconds, so 10 s idle means the client is gone (a host cut off mid-transaction
+# would otherwise hold the semaphore row, and every worker with it, for that long).
 DATABASES["default"].setdefault("OPTIONS", {})["options"] = (
     f"-c statement_timeout={env_int('DB_STATEMENT_TIMEOUT_MS', 30000)} "
-    f"-c idle_in_transaction_session_timeout={env_int('DB_IDLE_IN_TRANSACTION_TIMEOUT_MS', 60000)}"
+    f"-c idle_in_transaction_session_timeout={env_int('DB_IDLE_IN_TRANSACTION_TIMEOUT_MS', 10000)}"
 )
+# The client side of the same promise: a database that stops answering (restarted, or the
+# network between us cut) is an error within seconds, which the caller can retry, instead
+# of a thread stuck in a socket read for the kernel's 15 minutes.
+DATABASES["default"]["OPTIONS"] |= {
+    "connect_timeout": env_int("DB_CONNECT_TIMEOUT_SECONDS", 5),
+    "tcp_user_timeout": env_int("DB_TCP_USER_TIMEOUT_MS", 20000),
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: Dramatiq broker and Channels layer ----------------------------------------------
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:63799/0")
+REDIS_URL = os.environ.get("REDIS_URL") or (
+    f"redis://{_credentials('', 'redis')}127.0.0.1:{env_int('EMBEDDED_REDIS_PORT', 63799)}/0"
+)
 
 CHANNEL_LAYERS = {
     "default": {
@@ -135,7 +179,11 @@ CHANNEL_LAYERS = {
 
 DRAMATIQ_BROKER = {
     "BROKER": "dramatiq.brokers.redis.RedisBroker",
-    "OPTIONS": {"url": REDIS_URL},
+    # Without a socket timeout a send to a Redis that vanished mid-request waits forever,
+    # and the sweeper thread that re-sends cases with it would stop repairing anything.
+    # (Given in the URL: Dramatiq builds its pool from the URL alone.)
+    "OPTIONS": {"url": REDIS_URL + ("&" if "?" in REDIS_URL else "?")
+                + "socket_timeout=5&socket_connect_timeout=3"},
     "MIDDLEWARE": [
         "dramatiq.middleware.AgeLimit",
         "dramatiq.middleware.TimeLimit",
@@ -166,6 +214,11 @@ MAX_RUNS_PER_USER = env_int("MAX_RUNS_PER_USER", 0)
 # A case lease whose worker stops heartbeating is reclaimed after this long.
 LEASE_TTL_SECONDS = env_float("LEASE_TTL_SECONDS", 30.0)
 SWEEP_INTERVAL_SECONDS = env_float("SWEEP_INTERVAL_SECONDS", 2.0)
+# A vendor's answer larger than this is refused while it streams in (a real completion is far
+# smaller; a misconfigured URL or a hostile server could otherwise take a worker's memory).
+VENDOR_MAX_RESPONSE_BYTES = env_int("VENDOR_MAX_RESPONSE_BYTES", 4 * 1024 * 1024)
+# Dramatiq's time limit for one case message; a case that reaches it ends as an error.
+CASE_TIME_LIMIT_SECONDS = env_float("CASE_TIME_LIMIT_SECONDS", 30 * 60)
 # Admission control: launching answers "queue full" (HTTP 429 in the API) while this many runs
 # wait. 0 means no limit.
 MAX_QUEUE_LENGTH = env_int("MAX_QUEUE_LENGTH", 1000)
@@ -268,3 +321,12 @@ LOGGING = {
         "daphne": {"level": "WARNING"},
     },
 }
+
+# --- Provider keys --------------------------------------------------------------------------
+
+# The names a provider's api_key_env may take (a regular expression, matched in full). The
+# app's own settings (DATABASE_URL, SECRET_KEY, ...) stay refused whatever it says; see
+# testruns/provider_rules.py and docs/operations.md "Provider keys".
+PROVIDER_KEY_ENV_PATTERN = os.environ.get(
+    "PROVIDER_KEY_ENV_PATTERN", r"^[A-Z][A-Z0-9_]*(_API_KEY|_KEY|_TOKEN)$"
+)

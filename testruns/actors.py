@@ -5,6 +5,11 @@ a test case nor a user waiting for a report. A case's own retries happen inside 
 Retry-After and jitter); a message is retried only for infrastructure failures (database
 gone away), a few times and quickly. A redelivered message is harmless: it claims the
 case's lease or finds it taken and returns.
+
+The time limit (CASE_TIME_LIMIT_SECONDS, 30 minutes by default) is a last resort: Dramatiq
+raises TimeLimitExceeded inside the thread, and execution records the case it was running as
+an ERROR and gives back its slot before the exception goes on. A thread keeps handing cases
+to itself for only a fraction of it (execution.handover_budget_seconds).
 """
 
 from __future__ import annotations
@@ -21,8 +26,13 @@ log = logging.getLogger(__name__)
 BUSY_HOST_DELAY_MS = 2_000
 
 
-@dramatiq.actor(queue_name="cases", max_retries=3, min_backoff=500, max_backoff=5_000,
-                time_limit=30 * 60 * 1000)
+@dramatiq.actor(
+    queue_name="cases",
+    max_retries=3,
+    min_backoff=500,
+    max_backoff=5_000,
+    time_limit=int(execution.case_time_limit_seconds() * 1000),
+)
 def execute_case(result_id: int) -> None:
     if (reason := host_pressure()) is not None:
         # Resource-aware admission: a busy host leaves the case to the others (or to itself

@@ -13,7 +13,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.text import slugify
 
-from testruns import card_files, gate, providers, services
+from testruns import card_files, gate, provider_rules, providers, services
 from testruns.models import (
     PromptCard,
     PromptVersion,
@@ -114,6 +114,9 @@ class PromptCardAdmin(LaunchPermissionMixin, admin.ModelAdmin):
         (None, {"fields": ["name", "slug", "description", "tags", "owner"]}),
         ("Prompt", {"fields": ["system_prompt", "template", "change_note"],
                     "description": "Saving a changed prompt creates a new immutable version."}),
+        ("Grading", {"fields": ["grader_provider"],
+                     "description": "Who grades llm-rubric assertions; a launch may name "
+                                    "another provider."}),
         ("Reports", {"fields": ["baseline_run"], "classes": ["collapse"]}),
     ]
     raw_id_fields = ["baseline_run"]
@@ -243,6 +246,14 @@ class ProviderForm(forms.ModelForm):
         model = Provider
         fields = "__all__"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "api_key_env" in self.fields:  # say the rule before it refuses a name
+            self.fields["api_key_env"].help_text = (
+                "The NAME of the environment variable that holds the key; never the key. "
+                f"It must match {provider_rules.key_env_pattern().pattern} "
+                "(PROVIDER_KEY_ENV_PATTERN) and not be one of this app's own settings.")
+
     def clean(self):
         cleaned = super().clean()
         # Only a superuser may make the app run a program on the worker hosts.
@@ -288,9 +299,15 @@ class ProviderAdmin(admin.ModelAdmin):
     def prices(self, provider):
         return f"{provider.price_input_per_mtok:g} / {provider.price_output_per_mtok:g}"
 
-    @admin.action(description="Test connection")
+    # It sends the provider's key to its base URL from the web process: only for those who
+    # may change the provider anyway (and, for a local command, only superusers).
+    @admin.action(description="Test connection", permissions=["change"])
     def test_connection(self, request, queryset):
         for provider in queryset:
+            if not self.has_change_permission(request, provider):
+                self.message_user(request, f"{provider.name}: you may not change this "
+                                           "provider, so you may not test it.", messages.ERROR)
+                continue
             try:
                 answer = providers.test_connection(provider)
             except providers.ProviderError as exc:
@@ -335,6 +352,11 @@ class TestRunAdmin(LaunchPermissionMixin, admin.ModelAdmin):
     def has_change_permission(self, request, obj=None):
         return False
 
+    def has_delete_permission(self, request, obj=None):
+        """A run still queued or running is cancelled first: deleting it would take its
+        leases (and slots) away behind the gate's back."""
+        return super().has_delete_permission(request, obj) and (obj is None or obj.is_finished)
+
     @admin.display(description="done")
     def progress(self, run):
         return format_html('<a href="{}">{} / {}</a>', run.get_absolute_url(), run.done_count,
@@ -373,8 +395,18 @@ class SemaphoreAdmin(admin.ModelAdmin):
     readonly_fields = ["in_use", "effective_limit"]
 
     def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
+        """Only the limit is written, through the gate: saving the whole row would put the
+        in_use and AIMD ceiling read when the page opened over what workers wrote since."""
+        if not change:
+            gate.ensure_semaphore(obj.name, obj.limit)
         gate.set_limit(obj.name, obj.limit)  # a raised limit promotes waiters at once
+        obj.refresh_from_db()
+
+    def has_delete_permission(self, request, obj=None):
+        """A semaphore holding leases stays (its slots would be lost); an idle one may go
+        and is created again with its configured limit when next needed."""
+        return super().has_delete_permission(request, obj) and (
+            obj is None or not obj.leases.exists())
 
     def get_queryset(self, request):
         from django.db.models.functions import Now

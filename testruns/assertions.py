@@ -4,6 +4,10 @@ A test case holds specs such as `{"type": "contains", "value": "refund", "weight
 `assertion_errors` validates them when a case is saved; `evaluate` runs them on an output and
 combines the outcomes into a verdict. Semantics follow promptfoo where that is sensible. Nothing
 here touches the network: `llm-rubric` grades through a `grade` callable that the caller passes.
+
+An outcome is passed, failed, or an error: a grader that cannot answer (it raises GradingError)
+says nothing about the output, so its assertion neither passes nor fails, and the verdict
+carries the error for the caller to report instead of a failure.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ from referencing.exceptions import Unresolvable
 
 Grade = Callable[[str], str]
 
+
+class GradingError(Exception):
+    """Raised by a `grade` callable whose grader could not answer (rate limited after its
+    retries, timed out, refused): the assertion is an error, not a failure. Its message
+    names the grader and says what went wrong."""
+
+
 _MISSING: Any = object()  # a spec without "value", as opposed to "value": null
 _KEYS = frozenset({"type", "value", "weight"})
 # Pure-Python edit distance over more cells than this would take seconds (4M is about 1 s).
@@ -43,9 +54,14 @@ class AssertionOutcome:
     score: float
     reason: str
     weight: float
+    # The assertion could not be checked (its grader did not answer); `passed` is False.
+    error: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.error:  # stored outcomes keep their shape; only errors say so
+            del data["error"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,8 @@ class CaseVerdict:
     passed: bool
     score: float
     outcomes: list[AssertionOutcome]
+    # What kept an assertion from being checked, naming it: the case is an error, not a failure.
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,7 @@ class _Result:
     passed: bool
     score: float
     reason: str
+    error: bool = False
 
 
 _Check = Callable[[Any, _Context], _Result]
@@ -392,7 +411,9 @@ def _check_llm_rubric(value: str, ctx: _Context) -> _Result:
         return _binary(False, "no grader provider configured")
     try:
         answer = ctx.grade(rubric_prompt(value, ctx.output))
-    except Exception as exc:  # a provider failure fails this assertion, not the whole run
+    except GradingError as exc:  # no verdict on the output: an error, not a failure
+        return _Result(False, 0.0, str(exc), error=True)
+    except Exception as exc:  # anything else fails this assertion, not the whole run
         return _binary(False, f"grader call failed: {type(exc).__name__}: {exc}")
     if not isinstance(answer, str):
         return _binary(False, f"grader returned {_json_type(answer)}, not text")
@@ -612,7 +633,7 @@ def check_assertion(
         reason = f"expected the opposite: {result.reason}" if result.passed else result.reason
         result = _Result(not result.passed, 1.0 - result.score, reason)
     return AssertionOutcome(
-        name, result.passed, min(1.0, max(0.0, result.score)), result.reason, weight
+        name, result.passed, min(1.0, max(0.0, result.score)), result.reason, weight, result.error
     )
 
 
@@ -629,6 +650,9 @@ def evaluate(
 
     The score is the weighted mean of the outcome scores (1.0 with no assertions). The case
     passes when every assertion passes or, when a threshold is given, when the score reaches it.
+    An assertion that could not be checked (an error) fails the verdict whatever the threshold,
+    and `error` names the first one ("llm-rubric (assertion 2): the grader ... could not
+    answer: ...").
     """
     outcomes = [
         check_assertion(spec, output=output, latency_ms=latency_ms, cost=cost, grade=grade)
@@ -640,4 +664,11 @@ def evaluate(
         passed = all(outcome.passed for outcome in outcomes)
     else:
         passed = score >= float(threshold) - _SCORE_EPSILON
+    errors = [
+        f"{outcome.type} (assertion {position}): {outcome.reason}"
+        for position, outcome in enumerate(outcomes, 1)
+        if outcome.error
+    ]
+    if errors:
+        return CaseVerdict(False, score, outcomes, errors[0])
     return CaseVerdict(passed, score, outcomes)

@@ -61,7 +61,16 @@ RESULT_ROW = [
     "assertion_results",
     "attempts",
     "cached",
+    "repeats",
 ]
+# Each repeat's verdict and the start of its output (pass^N runs), for the page's compact
+# "repeat 1 ✓ 2 ✗" line; the whole outputs are on the report.
+REPEATS_PREVIEW = (
+    "COALESCE((SELECT jsonb_agg(jsonb_build_object('passed', e.r->'passed', 'output', "
+    "left(e.r->>'output', {preview})) ORDER BY e.n) FROM jsonb_array_elements(CASE WHEN "
+    "jsonb_typeof({p}repeat_results) = 'array' THEN {p}repeat_results ELSE '[]' END) "
+    "WITH ORDINALITY AS e(r, n)), '[]'::jsonb)"
+)
 
 
 def run_group(run_id: int) -> str:
@@ -74,7 +83,8 @@ def result_columns(alias: str = "") -> str:
     return (
         f"{p}id, {p}position, {p}case_name, {p}status, left({p}output, {TEXT_PREVIEW}), "
         f"left({p}error, {TEXT_PREVIEW}), {p}latency_ms, {p}tokens_in, {p}tokens_out, "
-        f"{p}cost::float8, {p}assertion_results, {p}attempts, {p}cached"
+        f"{p}cost::float8, {p}assertion_results, {p}attempts, {p}cached, "
+        + REPEATS_PREVIEW.format(p=p, preview=TEXT_PREVIEW)
     )
 
 
@@ -82,8 +92,9 @@ def result_row(values) -> dict:
     """A row of result_columns() as pages see it (jsonb arrives as text from Django's
     psycopg connection)."""
     row = dict(zip(RESULT_ROW, values, strict=True))
-    if isinstance(row["assertion_results"], str):
-        row["assertion_results"] = json.loads(row["assertion_results"])
+    for name in ("assertion_results", "repeats"):
+        if isinstance(row[name], str):
+            row[name] = json.loads(row[name])
     return row
 
 

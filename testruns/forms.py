@@ -54,7 +54,20 @@ class LaunchForm(forms.Form):
     stop_on_failure = forms.BooleanField(required=False, label="Stop on first failure")
     max_retries = forms.IntegerField(initial=2, min_value=0, max_value=10, label="Retries")
     use_cache = forms.BooleanField(required=False, label="Use the response cache")
-    repeats = forms.IntegerField(initial=1, min_value=1, max_value=20)
+    repeats = forms.IntegerField(
+        initial=1,
+        min_value=1,
+        max_value=20,
+        help_text="A case passes only when every repeat passes; with the cache on, only the "
+        "first repeat may be answered from it.",
+    )
+    grader_provider = forms.ModelChoiceField(
+        queryset=Provider.objects.filter(enabled=True),
+        required=False,
+        empty_label="The card's grader, else each run's own provider",
+        label="Grader provider",
+        help_text="Grades llm-rubric assertions.",
+    )
     priority = forms.IntegerField(
         initial=0, min_value=-100, max_value=100, help_text="Higher runs first."
     )
@@ -66,6 +79,7 @@ class LaunchForm(forms.Form):
         "max_retries",
         "use_cache",
         "repeats",
+        "grader_provider",
     ]
 
     def __init__(self, *args, card: PromptCard | None = None, **kwargs):

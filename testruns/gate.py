@@ -26,6 +26,7 @@ import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -53,8 +54,8 @@ def _rows(sql: str, params: dict | list | None = None) -> list[tuple]:
 
 
 def ensure_semaphore(name: str, limit: int) -> None:
-    _rows("INSERT INTO testruns_semaphore (name, \"limit\", in_use, updated_at) "
-          "VALUES (%s, %s, 0, now()) ON CONFLICT (name) DO NOTHING", [name, limit])
+    _rows("INSERT INTO testruns_semaphore (name, \"limit\", in_use, corrections, updated_at) "
+          "VALUES (%s, %s, 0, 0, now()) ON CONFLICT (name) DO NOTHING", [name, limit])
 
 
 def set_limit(name: str, limit: int) -> list[int]:
@@ -70,12 +71,30 @@ def set_limit(name: str, limit: int) -> list[int]:
 
 
 def _lock(name: str) -> tuple[int, int, int, float | None]:
-    """Lock the semaphore row; returns (id, limit, in_use, effective_limit)."""
-    rows = _rows("SELECT id, \"limit\", in_use, effective_limit FROM testruns_semaphore "
-                 "WHERE name = %s FOR UPDATE", [name])
+    """Lock the semaphore row; returns (id, limit, in_use, effective_limit). A row that is
+    missing (deleted in the admin while it held no lease) comes back with its configured
+    limit, so admission never stops on it."""
+    select = ("SELECT id, \"limit\", in_use, effective_limit FROM testruns_semaphore "
+              "WHERE name = %s FOR UPDATE")
+    rows = _rows(select, [name])
+    if not rows:
+        _recreate(name)
+        rows = _rows(select, [name])
     if not rows:
         raise LookupError(f"semaphore {name!r} does not exist")
     return rows[0]
+
+
+def _recreate(name: str) -> None:
+    if name == RUNS:
+        ensure_semaphore(name, settings.MAX_CONCURRENT_RUNS)
+    elif name == RUNS_PER_USER:
+        ensure_semaphore(name, settings.MAX_RUNS_PER_USER)
+    elif name.startswith("provider:"):
+        _rows("INSERT INTO testruns_semaphore (name, \"limit\", in_use, corrections, updated_at) "
+              "SELECT %s, max_concurrency, 0, 0, now() FROM testruns_provider WHERE id = %s "
+              "ON CONFLICT (name) DO NOTHING", [name, int(name.split(":", 1)[1])])
+    log.warning("semaphore %s was missing and has been created again", name)
 
 
 # --- Runs ----------------------------------------------------------------------------------
@@ -202,7 +221,7 @@ def handing_over_to(holder: str | None):
     """Within this block, the first case admitted is claimed for `holder` instead of being
     sent through the broker: the worker thread that freed a slot runs the next case itself,
     so a hand-over costs no broker round trip. Yields the list that receives it."""
-    _handover.holder, _handover.taken = holder, []
+    _handover.holder, _handover.taken, _handover.promised = holder, [], False
     try:
         yield _handover.taken
     finally:
@@ -219,7 +238,7 @@ def _admit_cases_locked(provider_id: int, locked: tuple | None = None) -> list[A
     if in_use >= ceiling:
         return []
     keeper = getattr(_handover, "holder", None)
-    keeper = keeper if keeper and not _handover.taken else ""
+    keeper = keeper if keeper and not _handover.taken and not _handover.promised else ""
     rows = _rows(_ADMIT_CASES_SQL, {"sem": sem_id, "provider": provider_id,
                                     "free": ceiling - in_use, "ttl": lease_ttl(),
                                     "keeper": keeper})
@@ -227,7 +246,10 @@ def _admit_cases_locked(provider_id: int, locked: tuple | None = None) -> list[A
     to_send = [Admitted(result_id, lease_id) for result_id, lease_id, holder in rows
                if not holder]
     if keeper and len(to_send) < len(admitted):
-        _handover.taken.extend(a for a in admitted if a not in to_send)
+        # Only once committed: a transaction that rolls back admitted nothing to keep.
+        kept = [a for a in admitted if a not in to_send]
+        _handover.promised = True
+        transaction.on_commit(lambda: _handover.taken.extend(kept))
     if to_send:
         ids = [a.result_id for a in to_send]
         transaction.on_commit(lambda: dispatch.send_cases(ids))
@@ -279,15 +301,26 @@ def claim_case(result_id: int, holder: str) -> int | None:
     return rows[0][0] if rows else None
 
 
-def give_back_case(provider_id: int, lease_id: int, *, succeeded: bool) -> tuple:
+class GivenBack(NamedTuple):
+    locked: tuple  # the provider's row as it now is, for admit_next_cases
+    held: bool  # whether the lease was still there: if not, the case is no longer ours
+
+
+def give_back_case(provider_id: int, lease_id: int, *, succeeded: bool) -> GivenBack:
     """First step of a case's closing transaction: lock the provider's row by giving back the
-    call slot (one statement) and return the row as it now is, for `admit_next_cases`.
-    A success also grows the provider's AIMD ceiling back towards its limit."""
+    call slot (one statement). A success also grows the provider's AIMD ceiling back towards
+    its limit.
+
+    `held` is the fence: a lease that is gone was reclaimed (its holder looked dead: cut off,
+    or stalled past the TTL) or cancelled, and the case may be running elsewhere by now, so
+    its holder must write nothing. Reclaim and cancel delete leases under the same row lock,
+    so the answer cannot change before this transaction ends."""
     grow = "" if not succeeded else (
         ", effective_limit = CASE WHEN s.effective_limit + 1.0 / s.effective_limit >= s.\"limit\" "
         "THEN NULL ELSE s.effective_limit + 1.0 / s.effective_limit END")
-    return _rows(_RELEASE_CASE_SQL.format(grow=grow), {"lease": lease_id,
-                                                       "name": provider_semaphore(provider_id)})[0]
+    *locked, released = _rows(_RELEASE_CASE_SQL.format(grow=grow), {
+        "lease": lease_id, "name": provider_semaphore(provider_id)})[0]
+    return GivenBack(tuple(locked), released > 0)
 
 
 def admit_next_cases(provider_id: int, locked: tuple) -> list[Admitted]:
@@ -298,23 +331,42 @@ def admit_next_cases(provider_id: int, locked: tuple) -> list[Admitted]:
 def release_case(provider_id: int, lease_id: int, *, succeeded: bool) -> list[Admitted]:
     """Give back a call slot and promote the next cases, in the caller's transaction."""
     return admit_next_cases(provider_id, give_back_case(provider_id, lease_id,
-                                                        succeeded=succeeded))
+                                                        succeeded=succeeded).locked)
 
 
-# One round trip: delete the lease, give its slot back, and return the row as it now is.
+# One round trip: delete the lease, give its slot back, and return the row as it now is
+# and whether there was a lease to delete.
 _RELEASE_CASE_SQL = """
 WITH gone AS (DELETE FROM testruns_lease WHERE id = %(lease)s RETURNING semaphore_id)
 UPDATE testruns_semaphore s SET in_use = s.in_use - (SELECT count(*) FROM gone){grow}
 WHERE s.name = %(name)s
-RETURNING s.id, s."limit", s.in_use, s.effective_limit
+RETURNING s.id, s."limit", s.in_use, s.effective_limit, (SELECT count(*) FROM gone)
 """
 
 
-def throttle_provider(provider_id: int) -> None:
-    """A 429: halve the provider's effective concurrency (multiplicative decrease)."""
-    _rows("UPDATE testruns_semaphore SET effective_limit = "
-          "GREATEST(1, COALESCE(effective_limit, \"limit\") / 2) WHERE name = %s",
-          [provider_semaphore(provider_id)])
+def throttle_provider(provider_id: int, sent_seconds_ago: float = 0.0) -> bool:
+    """A 429: halve the provider's effective concurrency (multiplicative decrease), at most
+    once per window. Returns whether this 429 lowered it.
+
+    The window is one generation of requests in flight, as TCP halves its window at most once
+    per round trip: a 429 to a request sent before the last decrease says nothing the decrease
+    did not already act on (eight requests in flight that all come back 429 lower the ceiling
+    8 -> 4 once, not 8 -> 1), while a 429 to a request sent after it says the lower ceiling is
+    still too high. `sent_seconds_ago` is how long ago the request went out, measured on the
+    caller's monotonic clock; subtracted from the database's clock it gives the request's
+    start on the same clock as `throttled_at`, so workers' wall clocks (which drift) are never
+    compared with the database's. A fixed window (ignore 429s for a second after a decrease)
+    would be simpler but wrong both ways: too short for slow models, whose old requests come
+    back much later, and too long for fast ones. The row lock serialises concurrent 429s; each
+    re-reads throttled_at once the previous one commits. statement_timestamp(), not now(),
+    so that a caller's enclosing transaction cannot freeze the clock."""
+    rows = _rows(
+        "UPDATE testruns_semaphore SET effective_limit = "
+        "GREATEST(1, COALESCE(effective_limit, \"limit\") / 2), "
+        "throttled_at = statement_timestamp() WHERE name = %s AND (throttled_at IS NULL OR "
+        "throttled_at <= statement_timestamp() - make_interval(secs => %s)) RETURNING id",
+        [provider_semaphore(provider_id), max(0.0, float(sent_seconds_ago))])
+    return bool(rows)
 
 
 def release_cases_of_run(run_id: int, provider_id: int) -> None:
@@ -349,6 +401,49 @@ def hand_back(holder: str) -> int:
     """A worker shutting down returns the cases it still holds to the queue at once,
     instead of letting them wait for the lease TTL."""
     return _requeue_cases("l.holder = %s", [holder])
+
+
+def hand_back_earlier_holders(host_and_pid: str, holder: str) -> int:
+    """A worker starting with the host name and pid of a dead one (a container restarted
+    with the same hostname, a recycled pid) returns that one's leases at once: they were
+    never going to be finished, and nobody else would ever stop them from being renewed."""
+    pattern = host_and_pid.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
+    return _requeue_cases("(l.holder = %s OR l.holder LIKE %s) AND l.holder <> %s",
+                          [host_and_pid, pattern + ":%", holder])
+
+
+def recount_in_use() -> list[tuple[str, int, int]]:
+    """Heal `in_use` where it drifted from the lease rows (a lease deleted behind the gate's
+    back, a bug). One statement finds the drifted rows (in one snapshot, the counter and the
+    leases a transaction changed together always agree); each is then locked and recounted,
+    so no acquire or release is in between. Returns (name, was, now) per correction."""
+    corrected = []
+    for (name,) in _rows(_DRIFTED_SQL):
+        with transaction.atomic():
+            _lock(name)
+            corrected += _rows(_RECOUNT_SQL, [name])
+    for name, was, now in corrected:
+        log.warning("semaphore %s: in_use was %d but %d lease(s) exist; corrected", name, was, now)
+    return corrected
+
+
+_DRIFTED_SQL = """
+SELECT s.name FROM testruns_semaphore s
+LEFT JOIN (SELECT semaphore_id, count(*) AS n FROM testruns_lease GROUP BY semaphore_id) c
+       ON c.semaphore_id = s.id
+WHERE s.in_use <> COALESCE(c.n, 0) ORDER BY s.name
+"""
+
+_RECOUNT_SQL = """
+WITH counted AS (
+    SELECT s.id, s.in_use AS was,
+           (SELECT count(*) FROM testruns_lease l WHERE l.semaphore_id = s.id) AS n
+    FROM testruns_semaphore s WHERE s.name = %s
+)
+UPDATE testruns_semaphore s SET in_use = counted.n, corrections = s.corrections + 1
+FROM counted WHERE s.id = counted.id AND counted.was <> counted.n
+RETURNING s.name, counted.was, counted.n
+"""
 
 
 def _requeue_cases(condition: str, params: list) -> int:

@@ -1,27 +1,46 @@
 """Provider calls in flight in this worker process, so that a case whose lease is taken
 away (its run was cancelled, or the lease expired and the case went to another worker)
 stops being waited for: the worker thread is free again within a sweep interval, while
-the abandoned call runs out on its own timeout in a helper thread."""
+the abandoned call runs out on its own timeout in a helper thread. A call that outlives its
+deadline is not waited for either.
+
+Also the leases this process gave up on: a case whose outcome could not be written (the
+database was gone for longer than the retries) must not stay held by this process, whose
+heartbeat would renew it forever. Such a lease is handed to the sweeper (holder '', expired)
+as soon as the database answers again; `notice_lost_leases`, which the sweep thread calls
+every tick, does that first.
+"""
 
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import TypeVar
 
+from django.db.models.functions import Now
+
 from testruns.models import Lease
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 _watched: dict[int, threading.Event] = {}
+_forsaken: set[int] = set()
 _lock = threading.Lock()
 
 
 class CaseAbandoned(Exception):
     """The case's lease is gone; its outcome would be thrown away."""
+
+
+class CallOverran(TimeoutError):
+    """The call did not return by its deadline; it goes on in its helper thread, unwaited."""
 
 
 @contextmanager
@@ -38,7 +57,9 @@ def watching(lease_id: int):
 
 
 def notice_lost_leases() -> int:
-    """One query for every case in flight here: wake those whose lease no longer exists."""
+    """One query for every case in flight here: wake those whose lease no longer exists.
+    First, hand the leases this process gave up on to the sweeper (see release_forsaken)."""
+    release_forsaken()
     with _lock:
         watched = dict(_watched)
     if not watched:
@@ -50,9 +71,45 @@ def notice_lost_leases() -> int:
     return len(lost)
 
 
-def call(fn: Callable[[], T], lost: threading.Event | None) -> T:
-    """Run fn() in a helper thread and wait for it, unless the lease is lost first."""
-    if lost is None:
+def forsake_later(lease_id: int) -> None:
+    """Remember a case lease to hand to the sweeper once the database answers again."""
+    with _lock:
+        _forsaken.add(lease_id)
+
+
+def forsaken() -> set[int]:
+    """Lease ids this process gave up on and could not yet hand over (a heartbeat may skip
+    them: renewing them only delays their reclaim)."""
+    with _lock:
+        return set(_forsaken)
+
+
+def release_forsaken() -> int:
+    """Hand the given-up leases to the sweeper: no holder (the heartbeat no longer renews
+    them) and expired (the next sweep requeues their cases). Never raises: with the
+    database still away they stay for the next tick. Returns how many were handed over."""
+    ids = forsaken()
+    if not ids:
+        return 0
+    try:
+        released = Lease.objects.filter(pk__in=ids, result__isnull=False).update(
+            holder="", expires_at=Now()
+        )
+    except Exception:  # still unreachable: try again next tick
+        log.warning("%d given-up case lease(s) still cannot be handed back", len(ids))
+        return 0
+    with _lock:
+        _forsaken.difference_update(ids)
+    if released:
+        log.warning("handed %d given-up case lease(s) to the sweeper", released)
+    return released
+
+
+def call(fn: Callable[[], T], lost: threading.Event | None, timeout: float | None = None) -> T:
+    """Run fn() in a helper thread and wait for it, unless the lease is lost first (raises
+    CaseAbandoned) or `timeout` seconds pass (raises CallOverran). With neither to watch for,
+    fn() runs here."""
+    if lost is None and timeout is None:
         return fn()
     future: Future = Future()
 
@@ -66,11 +123,13 @@ def call(fn: Callable[[], T], lost: threading.Event | None) -> T:
 
     lost_or_done = threading.Event()
     context = contextvars.copy_context()  # the run and case ids its log lines carry
-    threading.Thread(target=context.run, args=(target,), name="provider-call",
-                     daemon=True).start()
+    threading.Thread(target=context.run, args=(target,), name="provider-call", daemon=True).start()
+    deadline = None if timeout is None else time.monotonic() + timeout
     while not lost_or_done.wait(0.1):
-        if lost.is_set():
+        if lost is not None and lost.is_set():
             raise CaseAbandoned
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CallOverran(f"no answer after {timeout:.1f}s")
     return future.result()
 
 

@@ -5,7 +5,7 @@ number of web and worker processes need no shared memory and every web process a
 same: PostgreSQL is already the authority for runs, slots and results.
 
 - Gauges of the present: runs waiting and running, slots in use and limits per semaphore,
-  live and accepting workers.
+  live and accepting workers; a counter of corrections the sweeper made to slot counts.
 - Histograms and counts over a recent window (METRICS_WINDOW_SECONDS, default one hour): queue
   wait of runs that started in it, case latency by provider and case outcomes, provider errors
   by kind, retries and cache hits of cases that finished in it. They are rebuilt from rows
@@ -26,7 +26,12 @@ from django.http import HttpRequest, HttpResponse
 from django.utils.crypto import constant_time_compare
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from testruns import stats
@@ -43,6 +48,13 @@ CASE WHEN t.error ~ '^HTTP 429' THEN 'rate_limited'
      WHEN t.error ~* 'timed out' THEN 'timeout'
      WHEN t.error ~* '^connection failed' THEN 'connection'
      WHEN t.error ~ '^Template error' THEN 'template'
+     WHEN t.error ~ '^(the vendor answered with something|the answer (was larger|has no|''s))'
+       OR t.error ~ '^(a text block|the command''s answer was larger)' THEN 'bad_response'
+     WHEN t.error ~ '^the vendor answered with an error' THEN 'server_error'
+     WHEN t.error ~ '^the prompt cannot be sent' THEN 'client_error'
+     WHEN t.error ~ '^unexpected error:' THEN 'unexpected'
+     WHEN t.error ~ '^the worker''s time limit' THEN 'time_limit'
+     WHEN t.error ~ '^the result could not be saved' THEN 'database'
      ELSE 'other' END
 """
 
@@ -111,13 +123,22 @@ class DatabaseCollector(Collector):
             "(for providers, lowered by 429s until calls succeed again).",
             labels=["semaphore"],
         )
-        for name, configured, used, effective in _rows(
-            'SELECT name, "limit", in_use, effective_limit FROM testruns_semaphore ORDER BY name'
+        corrections = CounterMetricFamily(
+            "pcr_semaphore_corrections",
+            "Times the sweeper found a semaphore's in_use apart from its lease rows and reset "
+            "it (each is also a warning in the workers' log).",
+            labels=["semaphore"],
+        )
+        for name, configured, used, effective, corrected in _rows(
+            'SELECT name, "limit", in_use, effective_limit, corrections FROM testruns_semaphore '
+            "ORDER BY name"
         ):
             in_use.add_metric([name], used)
             limit.add_metric([name], min(configured, int(effective)) if effective else configured)
+            corrections.add_metric([name], corrected)
         yield in_use
         yield limit
+        yield corrections
 
     def workers(self) -> Iterator[Metric]:
         rows = [row for row in stats.workers() if row["live"]]

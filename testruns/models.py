@@ -13,6 +13,7 @@ from django.db import models
 from django.db.models import Q
 from django.urls import reverse
 
+from testruns import provider_rules
 from testruns.assertions import assertion_errors
 from testruns.prompts import TemplateSyntaxError, template_variables
 
@@ -79,6 +80,16 @@ class Provider(models.Model):
                 "Enter the name of an environment variable (letters, digits, underscores), "
                 "not the key itself. The key is read from the environment at call time."
             )
+        elif self.api_key_env:
+            try:
+                provider_rules.check_key_env_name(self.api_key_env)
+            except ValidationError as exc:
+                errors["api_key_env"] = exc.messages[0]
+        if self.base_url:
+            try:
+                provider_rules.check_base_url(self.base_url)
+            except ValidationError as exc:
+                errors["base_url"] = exc.messages[0]
         if not isinstance(self.parameters, dict):
             errors["parameters"] = "Parameters must be a JSON object."
         if self.kind in (self.Kind.OPENAI, self.Kind.ANTHROPIC) and not self.model:
@@ -116,6 +127,10 @@ class PromptCard(models.Model):
     template = models.TextField(help_text="Jinja2 template; test case variables fill it in.")
     baseline_run = models.ForeignKey("TestRun", null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+", help_text="Pinned baseline for reports.")
+    grader_provider = models.ForeignKey(
+        Provider, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="The provider that grades llm-rubric assertions; empty: each run's own "
+                  "provider. A run may name another at launch.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -233,6 +248,10 @@ class TestRun(models.Model):
     provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="runs")
     launched_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
                                     on_delete=models.SET_NULL, related_name="test_runs")
+    # Pinned at launch (the card's unless the launch named one), so a report says who graded.
+    grader_provider = models.ForeignKey(
+        Provider, null=True, blank=True, on_delete=models.PROTECT, related_name="graded_runs",
+        help_text="Grades llm-rubric assertions; empty: the run's own provider.")
     comparison_group = models.UUIDField(null=True, blank=True, db_index=True)
 
     # Configuration
@@ -241,8 +260,15 @@ class TestRun(models.Model):
     timeout_seconds = models.FloatField(default=60)
     stop_on_failure = models.BooleanField(default=False)
     max_retries = models.PositiveIntegerField(default=2)
-    use_cache = models.BooleanField(default=False)
-    repeats = models.PositiveIntegerField(default=1)
+    use_cache = models.BooleanField(
+        default=False, help_text="Answer from earlier runs' identical requests where possible "
+                                 "(only a case's first repeat: see repeats).")
+    # Repeats exist to sample the model's variance: a cached answer repeated N times would
+    # make pass^N the pass of one answer, so only the first repeat may come from the cache.
+    repeats = models.PositiveIntegerField(
+        default=1, help_text="How many times each case asks the model; it passes only when "
+                             "every repeat passes (pass^N). With the cache on, only the first "
+                             "repeat may be answered from it; the others always ask the model.")
 
     # State
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
@@ -323,6 +349,12 @@ class TestResult(models.Model):
     cost = models.DecimalField(max_digits=14, decimal_places=6, default=0)
     attempts = models.PositiveIntegerField(default=0)
     repeat_passes = models.PositiveIntegerField(default=0)
+    repeat_results = models.JSONField(
+        default=list, blank=True,
+        help_text="With more than one repeat, each one's evidence in order: output, passed, "
+                  "score, assertion_results, latency_ms, tokens_in, tokens_out, cached. The "
+                  "result's own output and assertion results are those of the first repeat "
+                  "that did not pass (else the last).")
     cached = models.BooleanField(default=False)
     error = models.TextField(blank=True)
     dispatched_at = models.DateTimeField(
@@ -357,12 +389,19 @@ class TestResult(models.Model):
 class Semaphore(models.Model):
     """A counting semaphore. The row is the lock; `in_use` always equals the number of its
     lease rows (both change in the same statement), so a holder checks and takes a slot
-    without counting. `effective_limit` is the provider's current AIMD ceiling after 429s."""
+    without counting. `effective_limit` is the provider's current AIMD ceiling after 429s,
+    `throttled_at` when it was last halved (see gate.throttle_provider)."""
 
     name = models.CharField(max_length=200, unique=True)
     limit = models.PositiveIntegerField()
     in_use = models.PositiveIntegerField(default=0, editable=False)
     effective_limit = models.FloatField(null=True, blank=True, editable=False)
+    throttled_at = models.DateTimeField(
+        null=True, blank=True, editable=False,
+        help_text="When a 429 last halved the effective limit (database clock).")
+    corrections = models.PositiveIntegerField(
+        default=0, editable=False,
+        help_text="How often the sweeper found in_use apart from the lease rows and reset it.")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -374,13 +413,16 @@ class Semaphore(models.Model):
 
 class Lease(models.Model):
     """One held slot. Its holder heartbeats `expires_at` forward; a dead holder's lease runs
-    out and the sweeper reclaims it. Times come from the database clock."""
+    out and the sweeper reclaims it. Times come from the database clock.
 
-    semaphore = models.ForeignKey(Semaphore, on_delete=models.CASCADE, related_name="leases")
+    Only the gate deletes leases, because it lowers `in_use` in the same statement: deleting
+    a semaphore, a run or a result that still holds one is refused (PROTECT)."""
+
+    semaphore = models.ForeignKey(Semaphore, on_delete=models.PROTECT, related_name="leases")
     holder = models.CharField(max_length=200)
-    run = models.ForeignKey(TestRun, null=True, blank=True, on_delete=models.CASCADE,
+    run = models.ForeignKey(TestRun, null=True, blank=True, on_delete=models.PROTECT,
                             related_name="leases")
-    result = models.ForeignKey(TestResult, null=True, blank=True, on_delete=models.CASCADE,
+    result = models.ForeignKey(TestResult, null=True, blank=True, on_delete=models.PROTECT,
                                related_name="leases")
     acquired_at = models.DateTimeField()
     expires_at = models.DateTimeField()

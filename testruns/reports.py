@@ -22,7 +22,7 @@ MESSAGE_CHARS = 500
 RESULT_FIELDS = [
     "id", "position", "case_id", "case_name", "status", "variables", "prompt", "output",
     "assertion_results", "score", "latency_ms", "tokens_in", "tokens_out", "cost", "attempts",
-    "repeat_passes", "cached", "error", "started_at", "finished_at",
+    "repeat_passes", "repeat_results", "cached", "error", "started_at", "finished_at",
 ]  # fmt: skip
 
 
@@ -155,6 +155,7 @@ def run_json(run: TestRun) -> dict:
                 "max_retries": run.max_retries,
                 "use_cache": run.use_cache,
                 "repeats": run.repeats,
+                "grader_provider": (run.grader_provider or run.provider).name,
             },
             "queued_at": _plain(run.queued_at),
             "started_at": _plain(run.started_at),

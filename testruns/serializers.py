@@ -87,6 +87,7 @@ class CardSerializer(ModelCleanMixin, serializers.ModelSerializer):
             "system_prompt",
             "template",
             "baseline_run",
+            "grader_provider",
             "latest_version",
             "case_count",
             "change_note",
@@ -242,6 +243,7 @@ class RunSerializer(serializers.ModelSerializer):
             "max_retries",
             "use_cache",
             "repeats",
+            "grader_provider",
             "cancel_requested",
             "queued_at",
             "started_at",
@@ -300,7 +302,18 @@ class RunConfigSerializer(serializers.Serializer):
     max_retries = serializers.IntegerField(default=2, min_value=0, max_value=20)
     use_cache = serializers.BooleanField(default=False)
     repeats = serializers.IntegerField(
-        default=1, min_value=1, max_value=100, help_text="A case passes when every repeat passes."
+        default=1,
+        min_value=1,
+        max_value=100,
+        help_text="A case passes when every repeat passes. With use_cache, only the first "
+        "repeat may be answered from the cache.",
+    )
+    grader_provider = serializers.PrimaryKeyRelatedField(
+        queryset=Provider.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="The provider that grades llm-rubric assertions. Default: the card's "
+        "grader provider, else the run's own provider.",
     )
 
     def validate(self, attrs: dict) -> dict:
@@ -405,6 +418,7 @@ class ResultSerializer(serializers.ModelSerializer):
             "cost",
             "attempts",
             "repeat_passes",
+            "repeat_results",
             "cached",
             "error",
             "started_at",

@@ -51,17 +51,23 @@ def launch_run(
     cases: list[TestCase] | None = None,
     version: PromptVersion | None = None,
     priority: int = 0,
+    grader_provider: Provider | None = None,
     **config,
 ) -> TestRun:
     """Queue a run of `card` against `provider`.
 
-    1. Pin the version (the latest unless given) and the cases (all enabled unless given).
+    1. Pin the version (the latest unless given), the cases (all enabled unless given) and
+       the grader of llm-rubric assertions (the card's unless given; none means the run's
+       own provider).
     2. Create the run and one pending result per case, in one transaction.
     3. After commit, try to admit it: with a free slot it starts at once; otherwise it
        waits in the queue until a release promotes it.
     """
     if not provider.enabled:
         raise LaunchError(f"Provider {provider.name} is disabled.")
+    grader_provider = grader_provider or card.grader_provider
+    if grader_provider is not None and not grader_provider.enabled:
+        raise LaunchError(f"The grader provider {grader_provider.name} is disabled.")
     with transaction.atomic():
         check_queue_room()
         version = version or snapshot_version(card, author=user)
@@ -71,9 +77,13 @@ def launch_run(
         if not cases:
             raise LaunchError(f"{card.name} has no enabled test cases to run.")
         ensure_semaphores(provider)
+        if grader_provider is not None:  # its 429s lower its ceiling (gate.throttle_provider)
+            gate.ensure_semaphore(gate.provider_semaphore(grader_provider.pk),
+                                  grader_provider.max_concurrency)
         run = TestRun.objects.create(
             card=card, version=version, provider=provider, launched_by=user,
-            priority=priority, total_cases=len(cases), **config,
+            grader_provider=grader_provider, priority=priority, total_cases=len(cases),
+            **config,
         )
         TestResult.objects.bulk_create(
             TestResult(run=run, case=case, position=i, case_name=case.name,
@@ -165,6 +175,7 @@ def duplicate_card(card: PromptCard, *, user=None) -> PromptCard:
         copy = PromptCard.objects.create(
             name=f"{card.name} (copy)", slug=slug, description=card.description, tags=card.tags,
             owner=user or card.owner, system_prompt=card.system_prompt, template=card.template,
+            grader_provider=card.grader_provider,
         )
         TestCase.objects.bulk_create(
             TestCase(card=copy, name=case.name, variables=case.variables,

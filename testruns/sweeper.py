@@ -1,6 +1,6 @@
-"""The safety net that runs in every worker process: heartbeats this process's leases and
-repairs what a crash or an outage left behind. Several sweepers at once are harmless: every
-repair goes through the same locked gate functions as normal work."""
+"""The safety net that runs in every worker process (in a thread of its own, apart from the
+heartbeat): repairs what a crash or an outage left behind. Several sweepers at once are
+harmless: every repair goes through the same locked gate functions as normal work."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ log = logging.getLogger(__name__)
 
 
 def sweep() -> dict[str, int]:
-    """1. Reclaim case leases whose holder stopped heartbeating; requeue those cases.
+    """0. Correct semaphore counters that drifted from their lease rows.
+    1. Reclaim case leases whose holder stopped heartbeating; requeue those cases.
     2. Re-send admitted cases whose message never reached the broker.
     3. Finish runs whose every case is done (a crash between the last result and the finish).
     4. Fill free slots where waiters exist (a promotion lost to a crash).
     5. Tell pages about results that coalescing held back during a quiet spell."""
     report = {
+        "recounted": len(gate.recount_in_use()),
         "reclaimed": gate.reclaim_expired_cases(),
         "resent": dispatch.resend_undispatched(),
         "finished": sum(execution.finish_run(run_id) for run_id in TestRun.objects.filter(

@@ -1,10 +1,16 @@
-"""What every Dramatiq worker process runs besides its actors: a lease keeper thread that
-heartbeats this process's leases and sweeps, and a hand-back of held cases on shutdown."""
+"""What every Dramatiq worker process runs besides its actors: a heartbeat thread that keeps
+this process's leases alive, a sweeper thread that repairs what others left behind, and a
+hand-back of held cases at start (an earlier process with our host and pid) and shutdown.
+
+Heartbeat and sweep run in separate threads so that a slow sweep (a broker or a channel
+layer that takes seconds to answer) can never let a live worker's leases expire, which
+would have its paid calls run a second time elsewhere."""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 
@@ -13,6 +19,8 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 from django.db.models.functions import Now
 from django.utils import timezone
+
+from testruns import gate
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +46,27 @@ def may_keep_cases() -> bool:
     return is_running() and _pressure is None and (_worker is None or _worker.work_queue.empty())
 
 
-def holder_id() -> str:
-    """Leases are held per worker process: its heartbeat keeps all of them alive."""
+_boot: tuple[int, str] = (0, "")
+
+
+def host_and_pid() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def holder_id() -> str:
+    """Leases are held per worker process start: its heartbeat keeps all of them alive. The
+    random boot id tells this process from an earlier one that had the same host name and
+    pid (a restarted container), whose leases must not be renewed by us."""
+    global _boot
+    if _boot[0] != os.getpid():  # computed after a fork too, never inherited
+        _boot = (os.getpid(), secrets.token_hex(4))
+    return f"{host_and_pid()}:{_boot[1]}"
 
 
 class LeaseKeeper(dramatiq.Middleware):
     def __init__(self) -> None:
         self.stopping = _stopping
-        self.thread: threading.Thread | None = None
+        self.threads: list[threading.Thread] = []
 
     def before_worker_boot(self, broker, worker) -> None:
         """Prefetch no more messages than there are threads. Dramatiq's default (twice as
@@ -58,8 +78,21 @@ class LeaseKeeper(dramatiq.Middleware):
         global _worker
         _worker = worker
         self.stopping.clear()
-        self.thread = threading.Thread(target=self.keep, name="lease-keeper", daemon=True)
-        self.thread.start()
+        try:
+            handed = gate.hand_back_earlier_holders(host_and_pid(), holder_id())
+            if handed:
+                log.warning("handed back %d case(s) of an earlier process with this host and "
+                            "pid", handed)
+        except Exception:  # the sweeper reclaims them after the TTL instead
+            log.exception("handing back an earlier holder's cases failed")
+        finally:
+            connection.close()
+        self.threads = [
+            threading.Thread(target=self.beat, name="lease-heartbeat", daemon=True),
+            threading.Thread(target=self.sweep, name="lease-sweeper", daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def before_worker_shutdown(self, broker, worker) -> None:
         self.stopping.set()
@@ -67,11 +100,12 @@ class LeaseKeeper(dramatiq.Middleware):
     def after_worker_shutdown(self, broker, worker) -> None:
         """Cases still held after the shutdown grace period go back to the queue now, so
         another worker takes them without waiting for the lease TTL."""
-        if self.thread:
-            self.thread.join(timeout=5)
-        from testruns import gate
+        # Imported here: django_dramatiq builds this middleware before the app registry is
+        # ready, so modules that import models cannot be imported at the top.
         from testruns.models import WorkerHeartbeat
 
+        for thread in self.threads:
+            thread.join(timeout=5)
         try:
             handed = gate.hand_back(holder_id())
             if handed:
@@ -80,25 +114,36 @@ class LeaseKeeper(dramatiq.Middleware):
         finally:
             connection.close()
 
-    def keep(self) -> None:
-        from testruns import gate, inflight, sweeper
-
+    def beat(self) -> None:
+        """Renew this process's leases every third of their TTL, and its heartbeat row."""
         me = holder_id()
-        interval = float(settings.SWEEP_INTERVAL_SECONDS)
-        beats_every = max(1, int(settings.LEASE_TTL_SECONDS / 3 / interval))
-        tick = 0
         started = timezone.now()
-        while not self.stopping.wait(interval if tick else 0):
+        every = float(settings.LEASE_TTL_SECONDS) / 3
+        self._repeat(every, lambda: (gate.heartbeat(me), record_heartbeat(me, started)),
+                     what="heartbeat")
+
+    def sweep(self) -> None:
+        """Stop waiting on cases whose lease is gone, and repair what crashes left behind."""
+        # Imported here: they import models, which the app registry is not ready for when
+        # django_dramatiq builds this middleware.
+        from testruns import inflight, sweeper
+
+        self._repeat(float(settings.SWEEP_INTERVAL_SECONDS),
+                     lambda: (inflight.notice_lost_leases(), sweeper.sweep()), what="sweep")
+
+    def _repeat(self, interval: float, tick, *, what: str) -> None:
+        """Call tick() every `interval` seconds until the worker stops; after a failure (the
+        database restarting) try again within a second, on a fresh connection."""
+        wait = 0.0
+        while not self.stopping.wait(wait):
             try:
                 close_old_connections()
-                if tick % beats_every == 0:
-                    gate.heartbeat(me)
-                    record_heartbeat(me, started)
-                inflight.notice_lost_leases()
-                sweeper.sweep()
+                tick()
+                wait = interval
             except Exception:
-                log.exception("lease keeper tick failed; trying again next tick")
-            tick += 1
+                wait = min(interval, 1.0)
+                log.exception("%s failed; trying again in %.1fs", what, wait)
+                connection.close()
         connection.close()
 
 

@@ -40,7 +40,18 @@ def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.05, what: 
 
 @pytest.fixture(autouse=True, scope="session")
 def _redis_is_clean():
-    """Each session starts with an empty broker and channel layer."""
+    """Each session starts with an empty broker and channel layer. FLUSHDB on a Redis that
+    `make test` did not start (make run's, production's) would wipe someone's queue, so the
+    suite refuses to run without the marker `python -m project.stack test` sets."""
+    if os.environ.get("PROMPTCARDS_TEST_SERVICES") != "1" or (
+        settings.REDIS_URL != os.environ.get("REDIS_URL")
+    ):
+        pytest.exit(
+            "The tests flush Redis and create databases, so they run only against the "
+            "services `make test` starts (or TEST_DATABASE_URL / TEST_REDIS_URL): run "
+            "`make test ARGS=...` or `python -m project.stack test -- ARGS`.",
+            returncode=2,
+        )
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
 
 

@@ -1,4 +1,4 @@
-"""A fake LLM vendor over real HTTP on 127.0.0.1: OpenAI chat completions and Anthropic messages.
+r"""A fake LLM vendor over real HTTP on 127.0.0.1: OpenAI chat completions and Anthropic messages.
 
 The only thing the test suite fakes is the vendor, so it answers over a real socket and the
 real SDKs talk to it. Tests script it at run time:
@@ -8,9 +8,22 @@ real SDKs talk to it. Tests script it at run time:
     fake_llm.reply_with(lambda prompt: "yes" if "?" in prompt else "no")
     fake_llm.requests[-1].body, fake_llm.peak_concurrency, fake_llm.request_count
 
+Answers a real vendor should never give, for robustness tests:
+
+    FakeReply(raw="<html>...</html>", content_type="text/html")  # 200, not JSON at all
+    FakeReply(text="a\x00b"), FakeReply(text="\ud800")   # JSON escapes \u0000 and \ud800
+    FakeReply(usage={"prompt_tokens": -5, "completion_tokens": 10**12})
+    FakeReply(size=50 * 2**20)  # a valid completion of 50 MB, streamed in chunks
+    FakeReply(size=50 * 2**20, chunked=True)  # the same without a Content-Length
+    FakeReply(size=50 * 2**20, gzip=True)  # the same gzip-compressed to about 50 KB
+    FakeReply(trickle=0.5)  # a byte every half second: never a read timeout, never done
+
 Standalone, for benchmarks and worker processes (prints its base URL, then serves), with
 `POST /_control {"latency": 0.5, "script": [{"status": 500}], "reset": true}` and
-`GET /_stats` ({"request_count", "in_flight", "peak_concurrency"}):
+`GET /_stats` ({"request_count", "in_flight", "peak_concurrency"}). A script entry takes
+FakeReply's fields as JSON, so every answer above can be scripted from another process, e.g.
+`{"raw": "<html></html>", "content_type": "text/html"}`, `{"text": "\u0000"}`,
+`{"text": "\ud800"}`, `{"usage": {"prompt_tokens": -1}}` or `{"size": 52428800}`:
 
     python -m tests.fake_llm --port 0 --latency 0.1
 """
@@ -26,6 +39,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +47,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+
+CHUNK_BYTES = 64 * 1024  # a big body goes out in pieces this size, never whole in memory
 
 
 @dataclass
@@ -45,6 +61,13 @@ class FakeReply:
     body: dict[str, Any] | None = None
     hang: bool = False  # keep the connection open and never answer
     latency: float | None = None  # instead of the server's latency, for this reply only
+    raw: str | None = None  # sent as it is instead of JSON, e.g. an HTML error page
+    content_type: str | None = None  # default: application/json (text/html for `raw`)
+    usage: dict[str, Any] | None = None  # replaces the usage block of the answer
+    size: int | None = None  # a well-formed answer padded to this many bytes, streamed
+    chunked: bool = False  # send the body without a Content-Length, in HTTP chunks
+    gzip: bool = False  # compressed (and chunked), although the client asked for identity
+    trickle: float | None = None  # send the body one byte every this many seconds
 
 
 @dataclass
@@ -181,6 +204,8 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                 server._end()
             if answer is None:
                 self.close_connection = True  # the client sees the connection drop
+            elif reply.raw is not None or reply.size is not None or reply.gzip or reply.trickle:
+                self._send_body(reply, answer[1])
             else:
                 self._json(*answer)
 
@@ -192,13 +217,66 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
             if reply.hang:
                 self._hang()
                 return None
+            if reply.raw is not None:
+                return reply.status, reply.raw, reply.headers
             if reply.body is not None or reply.status >= 400:
                 message = reply.text or f"fake error {reply.status}"
                 error = {"error": {"message": message, "type": "fake_error"}}
                 return reply.status, reply.body or error, reply.headers
             text = reply.text if reply.text is not None else "echo: " + _last_user_text(body)
             shape = _anthropic_reply if self.path == "/v1/messages" else _openai_reply
-            return reply.status, shape(body, text), reply.headers
+            payload = shape(body, text)
+            if reply.usage is not None:
+                payload["usage"] = reply.usage
+            return reply.status, payload, reply.headers
+
+        def _send_body(self, reply: FakeReply, payload: Any) -> None:
+            """The answer in pieces: `raw` as it is, or `payload` as JSON (its text padded to
+            `size` bytes); gzip-compressed on the fly, and one byte per `trickle` seconds."""
+            if reply.raw is not None:
+                data = reply.raw.encode("utf-8", "surrogatepass")
+                pieces, length = iter([data]), len(data)
+                content_type = reply.content_type or "text/html; charset=utf-8"
+            else:
+                if reply.size is not None:
+                    pieces, length = _padded(payload, reply.size)
+                else:
+                    data = json.dumps(payload).encode()
+                    pieces, length = iter([data]), len(data)
+                content_type = reply.content_type or "application/json"
+            if reply.gzip:
+                pieces, length = _gzipped(pieces), None
+            if reply.trickle:
+                pieces = (piece[i : i + 1] for piece in pieces for i in range(len(piece)))
+            chunked = reply.chunked or length is None
+            self.send_response(reply.status)
+            self.send_header("Content-Type", content_type)
+            if reply.gzip:
+                self.send_header("Content-Encoding", "gzip")
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(length))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            try:
+                for piece in pieces:
+                    if reply.trickle and server._stopping.wait(reply.trickle):
+                        break
+                    if chunked:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    else:
+                        self.wfile.write(piece)
+                    if reply.trickle:
+                        self.wfile.flush()
+                else:
+                    if chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                    return
+                self.close_connection = True  # stopped mid-answer
+            except OSError:  # the client stopped reading (it refused the answer): expected
+                self.close_connection = True
 
         def _hang(self) -> None:
             """Answer nothing until the server stops or the client hangs up (EOF on read)."""
@@ -219,7 +297,7 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
             self._json(200, server.stats())
 
         def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(payload).encode()
+            data = json.dumps(payload).encode()  # ASCII: "\ud800" goes out as its escape
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -229,6 +307,37 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
     return Handler
+
+
+def _padded(payload: Any, size: int) -> tuple[Iterator[bytes], int]:
+    """The answer as JSON with its text grown to make `size` bytes in all (at least the answer
+    itself), as pieces of CHUNK_BYTES: a 50 MB answer never sits in memory whole."""
+    marker = "PAD-GOES-HERE-7f3a"
+    if isinstance(payload, dict) and payload.get("choices"):  # OpenAI
+        payload["choices"][0]["message"]["content"] = marker
+    elif isinstance(payload, dict) and payload.get("content"):  # Anthropic
+        payload["content"][0]["text"] = marker
+    else:  # an error or a scripted body: padded beside it
+        payload = {"padding": marker, "body": payload}
+    head, tail = json.dumps(payload).encode().split(marker.encode(), 1)
+    padding = max(0, size - len(head) - len(tail))
+    chunk = b"x" * CHUNK_BYTES
+
+    def pieces() -> Iterator[bytes]:
+        yield head
+        for start in range(0, padding, CHUNK_BYTES):
+            yield chunk[: min(CHUNK_BYTES, padding - start)]
+        yield tail
+
+    return pieces(), len(head) + padding + len(tail)
+
+
+def _gzipped(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    for piece in pieces:
+        if out := compressor.compress(piece):
+            yield out
+    yield compressor.flush()
 
 
 def _text_of(content: Any) -> str:

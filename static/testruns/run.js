@@ -88,10 +88,24 @@
   function assertionList(outcomes) {
     const list = h("ul", { className: "assertions" });
     for (const o of outcomes || []) {
-      list.append(h("li", { className: o.passed ? "pass" : "fail" },
-        (o.passed ? "✓ " : "✗ ") + o.type + (o.reason ? " — " + o.reason : "")));
+      const mark = o.error ? "⚠ " : o.passed ? "✓ " : "✗ ";
+      list.append(h("li", { className: o.error ? "error" : o.passed ? "pass" : "fail" },
+        mark + o.type + (o.reason ? " — " + o.reason : "")));
     }
     return list;
+  }
+
+  // pass^N: "repeat 1 ✓ 2 ✗ 3 ✓", each mark opening the start of that repeat's output.
+  function repeatList(repeats) {
+    if (!repeats || !repeats.length) return null;
+    const box = h("div", { className: "repeats" }, "repeat");
+    repeats.forEach(function (r, i) {
+      box.append(" ", h("details", { className: "repeat" },
+        h("summary", { className: r.passed ? "pass" : "fail",
+                       text: `${i + 1} ${r.passed ? "✓" : "✗"}` }),
+        h("pre", { className: "output", text: r.output || "" })));
+    });
+    return box;
   }
 
   function resultRow(result) {
@@ -100,7 +114,7 @@
       h("td", { text: String(result.position + 1) }),
       h("td", { text: result.case_name }),
       h("td", { className: "status " + result.status, text: result.status }),
-      h("td", {}, h("pre", { className: "output", text: output })),
+      h("td", {}, h("pre", { className: "output", text: output }), repeatList(result.repeats)),
       h("td", {}, assertionList(result.assertion_results)),
       h("td", { text: result.latency_ms == null ? "" : Math.round(result.latency_ms) + " ms" }),
       h("td", { text: result.tokens_in || result.tokens_out
