@@ -34,7 +34,7 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
 
 from project.embedded import die_with_parent  # noqa: E402
-from testruns import gate, services  # noqa: E402
+from testruns.engine import gate, services  # noqa: E402
 from testruns.models import (  # noqa: E402
     Lease,
     PromptCard,

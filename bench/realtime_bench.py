@@ -52,7 +52,8 @@ from django.db import connection, transaction  # noqa: E402
 from django.db.models import F  # noqa: E402
 
 from project.embedded import die_with_parent, free_port, port_is_open  # noqa: E402
-from testruns import events, gate, services  # noqa: E402
+from testruns.engine import gate, services  # noqa: E402
+from testruns.live import events  # noqa: E402
 from testruns.models import PromptCard, Provider, TestCase, TestResult, TestRun  # noqa: E402
 
 PAGES = int(os.environ.get("BENCH_PAGES", "200"))
@@ -274,7 +275,7 @@ def bench_queue_positions(host: str, cookie: str, provider: Provider, user: User
 
 
 def events_queue_message_example() -> dict:
-    from testruns.selectors import queue_state
+    from testruns.reporting.selectors import queue_state
 
     return {"type": "queue.changed", **queue_state()}
 

@@ -192,7 +192,7 @@ DRAMATIQ_BROKER = {
         "dramatiq.middleware.AsyncIO",
         "dramatiq.middleware.ShutdownNotifications",
         "django_dramatiq.middleware.DbConnectionsMiddleware",
-        "testruns.worker.LeaseKeeper",
+        "testruns.engine.worker.LeaseKeeper",
     ],
 }
 DRAMATIQ_AUTODISCOVER_MODULES = ["actors"]
@@ -308,10 +308,10 @@ LOG_FORMAT = os.environ.get("LOG_FORMAT", "plain")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"run_context": {"()": "testruns.logging.RunContextFilter"}},
+    "filters": {"run_context": {"()": "testruns.ops.log_context.RunContextFilter"}},
     "formatters": {
-        "plain": {"()": "testruns.logging.PlainFormatter"},
-        "json": {"()": "testruns.logging.JSONFormatter"},
+        "plain": {"()": "testruns.ops.log_context.PlainFormatter"},
+        "json": {"()": "testruns.ops.log_context.JSONFormatter"},
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["run_context"],
                              "formatter": "json" if LOG_FORMAT == "json" else "plain"}},

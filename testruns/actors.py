@@ -18,8 +18,8 @@ import logging
 
 import dramatiq
 
-from testruns import execution
-from testruns.worker import holder_id, host_pressure, may_keep_cases
+from testruns.engine import execution
+from testruns.engine.worker import holder_id, host_pressure, may_keep_cases
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.text import slugify
 
-from testruns import card_files, gate, provider_rules, providers, services
+from testruns.catalog import card_files, provider_rules
+from testruns.engine import gate, providers, services
 from testruns.models import (
     PromptCard,
     PromptVersion,

@@ -13,9 +13,9 @@ from django.db import models
 from django.db.models import Q
 from django.urls import reverse
 
-from testruns import provider_rules
-from testruns.assertions import assertion_errors
-from testruns.prompts import TemplateSyntaxError, template_variables
+from testruns.catalog import provider_rules
+from testruns.catalog.assertions import assertion_errors
+from testruns.catalog.prompts import TemplateSyntaxError, template_variables
 
 ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SIMULATOR_PARAMETERS = {"latency_ms", "jitter_ms", "error_rate"}

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from testruns.consumers import DashboardConsumer, RunConsumer
+from testruns.live.consumers import DashboardConsumer, RunConsumer
 
 websocket_urlpatterns = [
     path("ws/runs/<int:run_id>/", RunConsumer.as_asgi()),

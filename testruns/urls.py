@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from testruns import views
+from testruns.web import views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),

@@ -30,7 +30,7 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     django.setup()
     # Imported after django.setup(): they import models.
-    from testruns import gate, services
+    from testruns.engine import gate, services
     from testruns.models import PromptCard, Provider, TestCase
 
     provider = Provider.objects.create(

@@ -17,8 +17,8 @@ from django.conf import settings
 from django.contrib.auth.models import Permission
 
 from project.embedded import free_port, port_is_open
+from testruns.engine.services import snapshot_version
 from testruns.models import PromptCard, Provider, TestCase
-from testruns.services import snapshot_version
 
 pytest_plugins = ["tests.fake_llm"]
 

@@ -7,8 +7,8 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 from django.urls import reverse
 
+from testruns.engine.services import launch_run
 from testruns.models import PromptCard, PromptVersion, Provider, Semaphore, TestRun
-from testruns.services import launch_run
 
 pytestmark = pytest.mark.django_db
 

@@ -12,7 +12,7 @@ from django.contrib.auth.models import Permission
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from testruns import gate, services
+from testruns.engine import gate, services
 from testruns.models import PromptCard, PromptVersion, Provider, Semaphore, TestCase, TestRun
 
 pytestmark = pytest.mark.django_db

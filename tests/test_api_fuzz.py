@@ -28,7 +28,7 @@ from rest_framework.authtoken.models import Token
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from testruns import gate, services
+from testruns.engine import gate, services
 from testruns.models import PromptCard, Provider, TestCase, TestRun
 
 pytestmark = pytest.mark.django_db

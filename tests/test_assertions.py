@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from testruns.assertions import (
+from testruns.catalog.assertions import (
     ASSERTION_TYPES,
     AssertionOutcome,
     assertion_errors,

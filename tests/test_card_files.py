@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from testruns.card_files import (
+from testruns.catalog.card_files import (
     MAX_BYTES,
     CardFileError,
     assertion_from_short_form,

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from testruns import gate, services
+from testruns.engine import gate, services
 from testruns.models import Provider, TestCase, TestRun
 from tests.conftest import ROOT, wait_for
 

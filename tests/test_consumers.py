@@ -13,7 +13,8 @@ from django.db import transaction
 from django.db.models import F
 
 from project.asgi import application
-from testruns import events, gate, services
+from testruns.engine import gate, services
+from testruns.live import events
 from testruns.models import TestResult, TestRun
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from testruns import gate, services
+from testruns.engine import gate, services
 from testruns.models import Provider, TestCase, TestRun
 from tests.conftest import OUTPUT_DIR, wait_for
 

@@ -13,7 +13,7 @@ import pytest
 from django.db.models import Count
 
 from project.embedded import free_port
-from testruns import gate, services
+from testruns.engine import gate, services
 from testruns.models import Lease, Provider, Semaphore, TestResult, TestRun
 from tests.conftest import ROOT, wait_for
 from tests.fake_llm import FakeReply
@@ -211,7 +211,7 @@ def test_run_launched_while_broker_is_down_runs_once_it_is_back(
 ):
     card = make_card(cases=2)
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
-    launch = (f"from testruns.models import *; from testruns.services import launch_run; "
+    launch = (f"from testruns.models import *; from testruns.engine.services import launch_run; "
               f"print(launch_run(card=PromptCard.objects.get(pk={card.pk}), "
               f"provider=Provider.objects.get(pk={llm_provider.pk})).pk)")
     result = subprocess.run([sys.executable, "manage.py", "shell", "-c", launch],

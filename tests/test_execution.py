@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from testruns import execution, gate, services
+from testruns.engine import execution, gate, services
 from testruns.models import Provider, ResponseCache, TestResult, TestRun
 from tests.fake_llm import FakeReply
 

@@ -19,7 +19,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from testruns import execution, gate, services
+from testruns.engine import execution, gate, services
 from testruns.models import Lease, PromptCard, Provider, Semaphore, TestCase, TestResult, TestRun
 
 pytestmark = pytest.mark.django_db

@@ -17,7 +17,7 @@ from django.db import connection
 from django.db.models.deletion import ProtectedError
 from django.test import RequestFactory
 
-from testruns import gate, services, sweeper
+from testruns.engine import gate, services, sweeper
 from testruns.models import Lease, Provider, Semaphore, TestRun, WorkerHeartbeat
 from tests.conftest import ROOT, ChildProcess, wait_for
 
@@ -56,7 +56,7 @@ def test_drifted_in_use_is_corrected_logged_and_counted_in_metrics(
         cursor.execute("DELETE FROM testruns_lease WHERE id = %s",
                        [Lease.objects.filter(semaphore__name=provider_name).first().pk])
 
-    with caplog.at_level(logging.WARNING, logger="testruns.gate"):
+    with caplog.at_level(logging.WARNING, logger="testruns.engine.gate"):
         report = sweeper.sweep()
 
     assert report["recounted"] == 2

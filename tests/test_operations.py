@@ -15,9 +15,11 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from project.embedded import free_port
-from testruns import gate, resources, services, stats
-from testruns.logging import JSONFormatter, PlainFormatter, RunContextFilter, log_context
+from testruns.engine import gate, services
 from testruns.models import TestRun, WorkerHeartbeat
+from testruns.ops import host_load
+from testruns.ops.log_context import JSONFormatter, PlainFormatter, RunContextFilter, log_context
+from testruns.reporting import queue_stats
 from tests.conftest import wait_for
 
 db = pytest.mark.django_db
@@ -177,29 +179,29 @@ def test_system_resources_show_the_host_and_every_worker_with_its_heartbeat(laun
 
 
 def test_host_pressure_names_cpu_and_memory_beyond_their_thresholds(settings):
-    busy = resources.HostSnapshot(
+    busy = host_load.HostSnapshot(
         cpu_percent=97.2,
         memory_total_mb=8000,
         memory_available_mb=180,
         load_average=(3, 2, 1),
         cpu_count=2,
     )
-    calm = resources.HostSnapshot(
+    calm = host_load.HostSnapshot(
         cpu_percent=20,
         memory_total_mb=8000,
         memory_available_mb=4000,
         load_average=(0, 0, 0),
         cpu_count=2,
     )
-    assert resources.host_pressure(busy) is None  # both checks are off by default
+    assert host_load.host_pressure(busy) is None  # both checks are off by default
     settings.WORKER_MAX_CPU_PERCENT = 90
-    assert resources.host_pressure(busy) == "CPU 97% > 90%"
+    assert host_load.host_pressure(busy) == "CPU 97% > 90%"
     settings.WORKER_MIN_FREE_MEMORY_MB = 512
-    assert resources.host_pressure(busy) == "CPU 97% > 90%; free memory 180 MB < 512 MB"
-    assert resources.host_pressure(calm) is None
+    assert host_load.host_pressure(busy) == "CPU 97% > 90%; free memory 180 MB < 512 MB"
+    assert host_load.host_pressure(calm) is None
     settings.WORKER_MAX_CPU_PERCENT = 0
     settings.WORKER_MIN_FREE_MEMORY_MB = 10**9  # more than any host has: this host, measured
-    assert resources.host_pressure().startswith("free memory ")
+    assert host_load.host_pressure().startswith("free memory ")
 
 
 # --- /metrics -------------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def test_healthz_follows_a_real_worker_and_its_json_logs_carry_run_and_case_ids(
         timeout=60,
         what="the worker's first heartbeat",
     )
-    assert stats.live_worker_count() == 1
+    assert queue_stats.live_worker_count() == 1
 
     run = services.launch_run(card=make_card(cases=2), provider=simulator)
     wait_for(

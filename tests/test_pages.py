@@ -12,8 +12,9 @@ from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
 
-from testruns import selectors, services
+from testruns.engine import services
 from testruns.models import PromptCard, Provider, TestCase, TestResult, TestRun
+from testruns.reporting import selectors
 
 pytestmark = pytest.mark.django_db
 

@@ -17,7 +17,8 @@ from django.urls import reverse
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from testruns import execution, gate, provider_rules, services
+from testruns.catalog import provider_rules
+from testruns.engine import execution, gate, services
 from testruns.models import Provider, TestResult
 
 ROOT = Path(__file__).resolve().parent.parent

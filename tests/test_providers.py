@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from testruns import providers
+from testruns.engine import providers
+from testruns.engine.providers import ProviderError
 from testruns.models import Provider
-from testruns.providers import ProviderError
 
 # fake_llm_fixture is the `fake_llm` fixture; imported under its own name so that test
 # arguments called fake_llm do not shadow an import (ruff F811).

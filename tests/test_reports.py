@@ -10,7 +10,7 @@ from xml.etree import ElementTree
 import pytest
 from django.urls import reverse
 
-from testruns import services
+from testruns.engine import services
 from testruns.models import TestResult
 from tests.test_pages import XSS, finish
 

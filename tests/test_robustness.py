@@ -25,7 +25,7 @@ from dramatiq.middleware.shutdown import Shutdown
 from dramatiq.middleware.threading import raise_thread_exception
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from testruns import execution, gate, inflight, providers, services
+from testruns.engine import execution, gate, inflight, providers, services
 from testruns.models import Lease, Provider, Semaphore, TestResult, TestRun
 from tests.conftest import ROOT, wait_for
 from tests.fake_llm import FakeLLMServer, FakeReply
@@ -383,7 +383,7 @@ def test_an_exception_in_the_assertions_is_an_error_result_and_the_next_case_run
     # A value the code never expected, as an import or a bug could leave it in the row.
     TestResult.objects.filter(run=run, position=0).update(assertions=7)
 
-    with caplog.at_level(logging.ERROR, logger="testruns.execution"):
+    with caplog.at_level(logging.ERROR, logger="testruns.engine.execution"):
         run = run_here(run)
 
     broken, fine = run.results.order_by("position")
@@ -439,7 +439,7 @@ def test_a_lost_database_connection_is_retried_on_a_new_one(fake_llm, provider, 
     fake_llm.reply_with(restart_the_workers_connection)
     run = services.launch_run(card=make_card(cases=1), provider=provider)
 
-    with caplog.at_level(logging.WARNING, logger="testruns.execution"):
+    with caplog.at_level(logging.WARNING, logger="testruns.engine.execution"):
         run = run_here(run)
 
     result = only_result(run)

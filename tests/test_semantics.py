@@ -18,7 +18,8 @@ import pytest
 from django.db.models import Count
 from django.urls import reverse
 
-from testruns import assertions, execution, gate, inflight, services
+from testruns.catalog import assertions
+from testruns.engine import execution, gate, inflight, services
 from testruns.models import PromptCard, Provider, Semaphore, TestResult, TestRun
 from tests.conftest import wait_for
 from tests.fake_llm import FakeReply

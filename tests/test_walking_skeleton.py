@@ -8,8 +8,8 @@ import json
 import pytest
 from websockets.sync.client import connect
 
+from testruns.engine.services import launch_run
 from testruns.models import TestResult, TestRun
-from testruns.services import launch_run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

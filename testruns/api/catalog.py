@@ -17,17 +17,18 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from testruns import card_files, services
 from testruns.api.params import query_bool, query_choice, query_int, query_text
 from testruns.api.permissions import CommandProvidersForSuperusers, ModelPermissions
-from testruns.models import PromptCard, PromptVersion, Provider, TestCase
-from testruns.serializers import (
+from testruns.api.serializers import (
     BIG_INT,
     CardSerializer,
     ProviderSerializer,
     TestCaseSerializer,
     VersionSerializer,
 )
+from testruns.catalog import card_files
+from testruns.engine import services
+from testruns.models import PromptCard, PromptVersion, Provider, TestCase
 
 
 class RefetchAfterSaveMixin:

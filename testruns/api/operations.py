@@ -9,8 +9,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from testruns import stats
 from testruns.api.params import query_int
+from testruns.reporting import queue_stats
 
 
 class SlotSerializer(serializers.Serializer):
@@ -91,20 +91,20 @@ class QueueStatsView(APIView):
                 "window",
                 OpenApiTypes.INT,
                 description="Seconds of history for waits, throughput and "
-                f"error rates (60 to {stats.MAX_WINDOW_SECONDS}; default "
-                f"{stats.DEFAULT_WINDOW_SECONDS}).",
+                f"error rates (60 to {queue_stats.MAX_WINDOW_SECONDS}; default "
+                f"{queue_stats.DEFAULT_WINDOW_SECONDS}).",
             )
         ],
     )
     def get(self, request: Request) -> Response:
         """Waiting and running runs, limits, queue wait (mean, p95), throughput, error rate,
         and why runs wait."""
-        window = query_int(request, "window") or stats.DEFAULT_WINDOW_SECONDS
-        if not 60 <= window <= stats.MAX_WINDOW_SECONDS:
+        window = query_int(request, "window") or queue_stats.DEFAULT_WINDOW_SECONDS
+        if not 60 <= window <= queue_stats.MAX_WINDOW_SECONDS:
             raise exceptions.ValidationError(
-                {"window": [f"Between 60 and {stats.MAX_WINDOW_SECONDS} seconds."]}
+                {"window": [f"Between 60 and {queue_stats.MAX_WINDOW_SECONDS} seconds."]}
             )
-        return Response(QueueStatsSerializer(stats.queue_stats(window)).data)
+        return Response(QueueStatsSerializer(queue_stats.queue_stats(window)).data)
 
 
 class SystemResourcesView(APIView):
@@ -112,4 +112,4 @@ class SystemResourcesView(APIView):
     def get(self, request: Request) -> Response:
         """This host's CPU, memory and load, the admission thresholds, and every worker with
         its last heartbeat and whether it takes new cases (and why not)."""
-        return Response(SystemResourcesSerializer(stats.system_resources()).data)
+        return Response(SystemResourcesSerializer(queue_stats.system_resources()).data)

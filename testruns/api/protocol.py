@@ -15,8 +15,10 @@ from rest_framework import exceptions, parsers, status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 
-from testruns import card_files, idempotency, services
-from testruns.serializers import model_errors
+from testruns.api import idempotency
+from testruns.api.serializers import model_errors
+from testruns.catalog import card_files
+from testruns.engine import services
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,11 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from testruns import idempotency, reports, selectors, services, stats
+from testruns.api import idempotency
 from testruns.api.params import query_choice, query_int
 from testruns.api.permissions import RunPermissions
 from testruns.api.protocol import Conflict
-from testruns.models import PromptCard, Provider, TestCase, TestResult, TestRun
-from testruns.serializers import (
+from testruns.api.serializers import (
     BatchLaunchSerializer,
     BatchResponseSerializer,
     CancelResponseSerializer,
@@ -29,6 +28,9 @@ from testruns.serializers import (
     ResultSerializer,
     RunSerializer,
 )
+from testruns.engine import services
+from testruns.models import PromptCard, Provider, TestCase, TestResult, TestRun
+from testruns.reporting import formats, queue_stats, selectors
 
 IDEMPOTENCY_HEADER = OpenApiParameter(
     "Idempotency-Key",
@@ -167,7 +169,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
                 if state["total_cases"]
                 else 100.0
             ),
-            "waiting_reasons": stats.run_waiting_reasons(snapshot),
+            "waiting_reasons": queue_stats.run_waiting_reasons(snapshot),
         }
         return Response(ProgressSerializer(body).data)
 
@@ -190,14 +192,14 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @action(detail=True, methods=["get"])
     def report(self, request: Request, pk=None) -> Response:
         """The whole run as JSON: what ran, totals, statistics and every result."""
-        return Response(reports.run_json(self.get_object()))
+        return Response(formats.run_json(self.get_object()))
 
     @extend_schema(responses={(200, "application/xml"): OpenApiTypes.STR})
     @action(detail=True, methods=["get"])
     def junit(self, request: Request, pk=None) -> HttpResponse:
         """The run as JUnit XML, for CI systems."""
         return HttpResponse(
-            reports.junit_xml(self.get_object()), content_type="application/xml; charset=utf-8"
+            formats.junit_xml(self.get_object()), content_type="application/xml; charset=utf-8"
         )
 
     @extend_schema(responses=RunSerializer(many=True))

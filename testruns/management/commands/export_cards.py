@@ -4,7 +4,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from testruns.card_files import export_cards
+from testruns.catalog.card_files import export_cards
 from testruns.models import PromptCard
 
 

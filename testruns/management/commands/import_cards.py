@@ -5,7 +5,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from testruns.card_files import MAX_BYTES, CardFileError, import_cards
+from testruns.catalog.card_files import MAX_BYTES, CardFileError, import_cards
 from testruns.models import PromptCard
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from testruns import reports, selectors, services
+from testruns.engine import services
 from testruns.models import PromptCard, Provider, TestRun
+from testruns.reporting import formats, selectors
 
 EX_USAGE = 2
 EX_TEMPFAIL = 75  # sysexits.h: "temporary failure", e.g. a full queue
@@ -151,7 +152,7 @@ class Command(BaseCommand):
             )
         finished = watcher.refresh()
         self.write_reports(finished, options)
-        rate = reports.pass_rate(finished)
+        rate = formats.pass_rate(finished)
         for run in finished:
             self.stdout.write(summary_line(run))
         percent = 100 * rate if rate is not None else 0.0
@@ -166,15 +167,15 @@ class Command(BaseCommand):
     def write_reports(self, runs: list[TestRun], options: dict) -> None:
         if options["junit"]:
             Path(options["junit"]).write_text(
-                reports.junit_xml_of_runs(runs, name=runs[0].card.slug), encoding="utf-8"
+                formats.junit_xml_of_runs(runs, name=runs[0].card.slug), encoding="utf-8"
             )
             self.stderr.write(f"JUnit report: {options['junit']}")
         if options["json"]:
-            rate = reports.pass_rate(runs)
+            rate = formats.pass_rate(runs)
             document = {
                 "pass_rate": rate,
                 "fail_under": options["fail_under"] / 100,
-                "runs": [reports.run_json(run) for run in runs],
+                "runs": [formats.run_json(run) for run in runs],
             }
             Path(options["json"]).write_text(
                 json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from testruns.demo import seed_demo
+from testruns.catalog.demo import seed_demo
 
 
 class Command(BaseCommand):

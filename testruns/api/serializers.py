@@ -12,8 +12,8 @@ from django.db.models import Model
 from rest_framework import serializers
 from rest_framework.settings import api_settings
 
-from testruns import selectors
 from testruns.models import PromptCard, PromptVersion, Provider, TestCase, TestResult, TestRun
+from testruns.reporting import selectors
 
 MAX_PRIORITY = 100  # as the launch page and the admin allow
 MAX_BATCH_RUNS = 100

@@ -1,6 +1,6 @@
-"""A run's per-case table as CSV, streamed. (JSON and JUnit XML come from `testruns.reports`,
-shared with the API.) Outputs are untrusted text: CSV cells that a spreadsheet would read as
-a formula are prefixed with an apostrophe."""
+"""A run's per-case table as CSV, streamed. (JSON and JUnit XML come from
+`testruns.reporting.formats`, shared with the API.) Outputs are untrusted text: CSV cells that
+a spreadsheet would read as a formula are prefixed with an apostrophe."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ from django.db import connection, transaction
 from django.db.models import Aggregate, F, FloatField, OuterRef, Q, QuerySet, Subquery, Window
 from django.db.models.functions import RowNumber
 
-from testruns import events, gate
+from testruns.engine import gate
+from testruns.live import events
 from testruns.models import Provider, Semaphore, TestResult, TestRun
 
 # Rows a live run page holds; the rest of a large run is paged over HTTP.

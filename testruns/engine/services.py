@@ -12,7 +12,8 @@ from django.db.models import Max
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from testruns import events, gate
+from testruns.engine import gate
+from testruns.live import events
 from testruns.models import PromptCard, PromptVersion, Provider, TestCase, TestResult, TestRun
 
 log = logging.getLogger(__name__)

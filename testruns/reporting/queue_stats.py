@@ -14,8 +14,10 @@ from django.conf import settings
 from django.db import connection
 from django.db.models.expressions import RawSQL
 
-from testruns import gate, resources, selectors
+from testruns.engine import gate
 from testruns.models import TestRun, WorkerHeartbeat
+from testruns.ops import host_load
+from testruns.reporting import selectors
 
 # A worker writes its heartbeat every LEASE_TTL_SECONDS / 3. It counts as live while its
 # latest one is younger than three missed beats (LEASE_TTL_SECONDS) plus this slack, which
@@ -74,9 +76,9 @@ def system_resources() -> dict:
     rows = workers()
     live = [row for row in rows if row["live"]]
     return {
-        "host": resources.host_snapshot().as_dict(),
-        "limits": resources.limits(),
-        "host_pressure": resources.host_pressure(),
+        "host": host_load.host_snapshot().as_dict(),
+        "limits": host_load.limits(),
+        "host_pressure": host_load.host_pressure(),
         "workers": rows,
         "live_workers": len(live),
         "accepting_workers": sum(row["accepting"] for row in live),

@@ -8,7 +8,8 @@ import logging
 
 from django.db.models import F
 
-from testruns import dispatch, events, execution, gate
+from testruns.engine import dispatch, execution, gate
+from testruns.live import events
 from testruns.models import Semaphore, TestResult, TestRun
 
 log = logging.getLogger(__name__)

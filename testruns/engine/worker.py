@@ -20,7 +20,7 @@ from django.db import close_old_connections, connection
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from testruns import gate
+from testruns.engine import gate
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class LeaseKeeper(dramatiq.Middleware):
         """Stop waiting on cases whose lease is gone, and repair what crashes left behind."""
         # Imported here: they import models, which the app registry is not ready for when
         # django_dramatiq builds this middleware.
-        from testruns import inflight, sweeper
+        from testruns.engine import inflight, sweeper
 
         self._repeat(float(settings.SWEEP_INTERVAL_SECONDS),
                      lambda: (inflight.notice_lost_leases(), sweeper.sweep()), what="sweep")
@@ -150,11 +150,11 @@ class LeaseKeeper(dramatiq.Middleware):
 def record_heartbeat(holder: str, started) -> None:
     """Refresh this process's row, and whether its host has room for new cases."""
     global _pressure
-    from testruns import resources
     from testruns.models import WorkerHeartbeat
+    from testruns.ops import host_load
 
-    snapshot = resources.host_snapshot()
-    _pressure = resources.host_pressure(snapshot)
+    snapshot = host_load.host_snapshot()
+    _pressure = host_load.host_pressure(snapshot)
     WorkerHeartbeat.objects.update_or_create(holder=holder, defaults={
         "hostname": socket.gethostname(), "pid": os.getpid(), "started_at": started,
         "last_seen": Now(), "cpu_percent": snapshot.cpu_percent,

@@ -29,9 +29,9 @@ from django.db import DataError, IntegrityError, transaction
 from django.db.models import Max
 from django.utils.text import slugify
 
-from testruns.assertions import ASSERTION_TYPES
+from testruns.catalog.assertions import ASSERTION_TYPES
+from testruns.engine.services import snapshot_version
 from testruns.models import PromptCard, TestCase
-from testruns.services import snapshot_version
 
 MAX_BYTES = 5 * 1024 * 1024
 MAX_CASES = 10_000

@@ -10,9 +10,9 @@ from __future__ import annotations
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from testruns import events
+from testruns.live import events
 from testruns.models import TestRun
-from testruns.selectors import (
+from testruns.reporting.selectors import (
     dashboard_state,
     get_run_for_user,
     queue_view,

@@ -169,7 +169,7 @@ def publish_queue_changed() -> None:
 
 
 def publish_queue_state() -> None:
-    from testruns.selectors import queue_state
+    from testruns.reporting.selectors import queue_state
 
     try:
         state = queue_state()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from django.db import transaction
 
+from testruns.engine.services import snapshot_version
 from testruns.models import PromptCard, Provider, Semaphore, TestCase
-from testruns.services import snapshot_version
 
 DEMO_CARDS = [
     {

@@ -114,7 +114,7 @@ def _promote_runs(locked: tuple) -> list[int]:
        and add them to in_use.
     2. After commit: tell their pages and the queue watchers, and admit their first cases.
     """
-    from testruns import events
+    from testruns.live import events
 
     sem_id, limit, in_use, _ = locked
     if in_use >= limit:
@@ -231,7 +231,7 @@ def handing_over_to(holder: str | None):
 def _admit_cases_locked(provider_id: int, locked: tuple | None = None) -> list[Admitted]:
     """admit_cases inside a transaction that holds (or may take) only this provider's row.
     `locked` is the row as the caller last read it under the lock, to save a round trip."""
-    from testruns import dispatch
+    from testruns.engine import dispatch
 
     sem_id, limit, in_use, effective = locked or _lock(provider_semaphore(provider_id))
     ceiling = min(limit, int(effective)) if effective is not None else limit

@@ -20,11 +20,12 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from testruns import exports, selectors, services
-from testruns.forms import HistoryFilterForm, LaunchForm
+from testruns.engine import services
 from testruns.models import PromptCard, TestRun
-from testruns.reports import junit_xml, run_json
-from testruns.selectors import get_run_for_user, runs_visible_to
+from testruns.reporting import run_csv, selectors
+from testruns.reporting.formats import junit_xml, run_json
+from testruns.reporting.selectors import get_run_for_user, runs_visible_to
+from testruns.web.forms import HistoryFilterForm, LaunchForm
 
 HISTORY_PAGE_SIZE = 25
 REPORT_PAGE_SIZE = 50
@@ -304,7 +305,7 @@ def _download_name(run: TestRun, extension: str) -> str:
 @require_GET
 def report_csv(request, pk):
     run = _run_or_404(request, pk)
-    response = StreamingHttpResponse(exports.csv_rows(run), content_type="text/csv")
+    response = StreamingHttpResponse(run_csv.csv_rows(run), content_type="text/csv")
     response["Content-Disposition"] = f'attachment; filename="{_download_name(run, "csv")}"'
     return response
 

@@ -13,8 +13,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from decimal import Decimal
 
-from testruns import selectors
 from testruns.models import TestResult, TestRun
+from testruns.reporting import selectors
 
 # XML 1.0 cannot hold these characters at all, escaped or not.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")

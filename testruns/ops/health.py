@@ -16,7 +16,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from testruns import stats
+from testruns.reporting import queue_stats
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +51,16 @@ def check_redis() -> dict:
 
 
 def check_workers() -> dict:
-    """At least one worker heartbeat younger than stats.live_after_seconds()."""
+    """At least one worker heartbeat younger than queue_stats.live_after_seconds()."""
     try:
-        live = stats.live_worker_count()
+        live = queue_stats.live_worker_count()
     except DatabaseError:
         return {"ok": False, "error": "worker heartbeats cannot be read", "live": None}
     if not live:
         return {
             "ok": False,
             "error": "no worker has sent a heartbeat in the last "
-            f"{stats.live_after_seconds():.0f} seconds",
+            f"{queue_stats.live_after_seconds():.0f} seconds",
             "live": 0,
         }
     return {"ok": True, "live": live}

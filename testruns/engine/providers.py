@@ -41,7 +41,7 @@ import openai
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
-from testruns import provider_rules
+from testruns.catalog import provider_rules
 from testruns.models import Provider
 
 # Default parameters a provider may pass on. Anything else (a typo, a simulator knob, or a key

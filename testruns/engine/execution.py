@@ -26,7 +26,6 @@ import logging
 import math
 import random
 import re
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -46,10 +45,12 @@ from django.db.models.functions import Now
 from django.utils import timezone
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from testruns import assertions, events, gate, inflight, providers
-from testruns.logging import log_context
+from testruns.catalog import assertions
+from testruns.catalog.prompts import render_prompt
+from testruns.engine import gate, inflight, providers
+from testruns.live import events
 from testruns.models import Provider, ResponseCache, TestResult, TestRun
-from testruns.prompts import render_prompt
+from testruns.ops.log_context import log_context
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,6 @@ def execute_case(result_id: int, holder: str, *, keep_going=lambda: True) -> Non
         taken: list[gate.Admitted] = []
         try:
             with gate.handing_over_to(holder if young and keep_going() else None) as taken:
-                _chain.taken = taken
                 run_claimed_case(result_id, lease_id)
         except BaseException:
             # An interrupt after the hand-over: the case kept for this thread would never
@@ -117,17 +117,9 @@ def execute_case(result_id: int, holder: str, *, keep_going=lambda: True) -> Non
             for admitted in taken:
                 hand_back_case(admitted.result_id, admitted.lease_id)
             raise
-        finally:
-            _chain.taken = None
         if not taken:
             return
         result_id, lease_id = taken[0].result_id, taken[0].lease_id
-
-
-# The list gate.handing_over_to fills for this thread: a write that is rolled back and tried
-# again must take back what its admission put there, or the thread would go on with a case
-# whose lease never existed while the retry's admission sent nothing through the broker.
-_chain = threading.local()
 
 
 def run_claimed_case(result_id: int, lease_id: int) -> None:
@@ -668,16 +660,12 @@ def record_with_retries(
     time). Returns (record_case's answer, "") or (None, why it could not be written): at
     once when the database refused the values, since the same values would be refused again."""
     failure = ""
-    kept = getattr(_chain, "taken", None)
     for delay in (0.0, *delays):
         if delay:
             time.sleep(delay)  # the database is restarting or unreachable: give it a moment
-        mark = len(kept) if kept is not None else 0
         try:
             return record_case(run, result, lease_id, outcome), ""
         except Exception as exc:
-            if kept is not None:  # what the rolled-back admission kept for us never happened
-                del kept[mark:]
             failure = f"{type(exc).__name__}: {exc}".strip()
             fresh_connection()
             if not isinstance(exc, OperationalError | InterfaceError):

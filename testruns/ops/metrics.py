@@ -34,7 +34,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from testruns import stats
+from testruns.reporting import queue_stats
 
 QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 CASE_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
@@ -141,7 +141,7 @@ class DatabaseCollector(Collector):
         yield corrections
 
     def workers(self) -> Iterator[Metric]:
-        rows = [row for row in stats.workers() if row["live"]]
+        rows = [row for row in queue_stats.workers() if row["live"]]
         yield GaugeMetricFamily(
             "pcr_workers_live", "Worker processes with a recent heartbeat.", value=len(rows)
         )
