@@ -41,9 +41,11 @@ browser:
 bench: $(VENV)/.installed
 	@$(PY) -m project.stack exec -- $(PY) bench/engine_bench.py
 
+# Style, formatting and the architecture contract (the import layers in pyproject.toml).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) var test-output

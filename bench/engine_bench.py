@@ -34,7 +34,8 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
 
 from project.embedded import die_with_parent  # noqa: E402
-from testruns.engine import gate, services  # noqa: E402
+from testruns.catalog import cards  # noqa: E402
+from testruns.engine import admission, gate, launching, limits  # noqa: E402
 from testruns.models import (  # noqa: E402
     Lease,
     PromptCard,
@@ -61,11 +62,14 @@ def reset() -> None:
 
 
 def make_card(cases: int, template: str = "bench {{ i }}") -> PromptCard:
-    card = PromptCard.objects.create(name="bench", slug=f"bench-{time.monotonic_ns()}",
-                                     template=template)
-    TestCase.objects.bulk_create(TestCase(card=card, name=f"case {i}", variables={"i": i},
-                                          assertions=[], order=i) for i in range(cases))
-    services.snapshot_version(card)
+    card = PromptCard.objects.create(
+        name="bench", slug=f"bench-{time.monotonic_ns()}", template=template
+    )
+    TestCase.objects.bulk_create(
+        TestCase(card=card, name=f"case {i}", variables={"i": i}, assertions=[], order=i)
+        for i in range(cases)
+    )
+    cards.snapshot_version(card)
     return card
 
 
@@ -80,10 +84,25 @@ class Workers:
     def __init__(self, processes: int, threads: int):
         env = dict(os.environ, DATABASE_URL=database_url(), LOG_LEVEL="INFO")
         self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "rundramatiq", "--processes", str(processes),
-             "--threads", str(threads), "--worker-shutdown-timeout", "8000"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True, preexec_fn=die_with_parent())
+            [
+                sys.executable,
+                "manage.py",
+                "rundramatiq",
+                "--processes",
+                str(processes),
+                "--threads",
+                str(threads),
+                "--worker-shutdown-timeout",
+                "8000",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         ready = 0
         while ready < processes:
             line = self.process.stderr.readline()
@@ -125,43 +144,54 @@ def bench_pairs() -> None:
     reset()
     provider = Provider.objects.create(name="p", kind="simulator", max_concurrency=CONTENDERS)
     card = make_card(1)
-    services.ensure_semaphores(provider)
-    gate.set_limit(gate.RUNS, 0)  # keep the run out of the normal admission; we drive it
-    run = services.launch_run(card=card, provider=provider, max_concurrent_tests=CONTENDERS)
+    limits.ensure_semaphores(provider)
+    limits.set_limit(gate.RUNS, 0)  # keep the run out of the normal admission; we drive it
+    run = launching.launch_run(card=card, provider=provider, max_concurrent_tests=CONTENDERS)
     TestResult.objects.filter(run=run).delete()
     TestResult.objects.bulk_create(
-        TestResult(run=run, position=i, case_name="c", variables={}) for i in range(60_000))
+        TestResult(run=run, position=i, case_name="c", variables={}) for i in range(60_000)
+    )
     TestRun.objects.filter(pk=run.pk).update(status="running")
 
     def hand_on(n: int, stop: threading.Event) -> int:
         me, pairs = f"bench:{os.getpid()}:{n}", 0
-        with gate.handing_over_to(me) as taken:
-            gate.admit_cases(provider.pk)
+        with admission.handing_over_to(me) as taken:
+            admission.admit_cases(provider.pk)
         lease = taken[0] if taken else None
         while lease and not stop.is_set():
-            with gate.handing_over_to(me) as taken, transaction.atomic():
-                gate.release_case(provider.pk, lease.lease_id, succeeded=True)
+            with admission.handing_over_to(me) as taken, transaction.atomic():
+                admission.admit_next_cases(
+                    provider.pk,
+                    gate.give_back_case(provider.pk, lease.lease_id, succeeded=True).locked,
+                )
             pairs += 1
             lease = taken[0] if taken else None
         return pairs
 
-    report("gate: acquire+release pairs/s, 16 contenders (PostgreSQL)",
-           f"{contend(hand_on):,.0f}", ">= 1,000")
+    report(
+        "gate: acquire+release pairs/s, 16 contenders (PostgreSQL)",
+        f"{contend(hand_on):,.0f}",
+        ">= 1,000",
+    )
 
     from dramatiq.rate_limits import ConcurrentRateLimiter
     from dramatiq.rate_limits.backends import RedisBackend
 
     def acquire_release(n: int, stop: threading.Event) -> int:
-        limiter = ConcurrentRateLimiter(RedisBackend(url=settings.REDIS_URL), "bench",
-                                        limit=CONTENDERS)
+        limiter = ConcurrentRateLimiter(
+            RedisBackend(url=settings.REDIS_URL), "bench", limit=CONTENDERS
+        )
         pairs = 0
         while not stop.is_set():
             with limiter.acquire(raise_on_failure=False) as acquired:
                 pairs += bool(acquired)
         return pairs
 
-    report("Dramatiq ConcurrentRateLimiter pairs/s, 16 contenders (Redis)",
-           f"{contend(acquire_release):,.0f}", "(reference)")
+    report(
+        "Dramatiq ConcurrentRateLimiter pairs/s, 16 contenders (Redis)",
+        f"{contend(acquire_release):,.0f}",
+        "(reference)",
+    )
 
 
 def contend(work, processes: int = 4, threads: int = 4) -> float:
@@ -173,8 +203,10 @@ def contend(work, processes: int = 4, threads: int = 4) -> float:
 
     def process_main(first: int) -> None:
         stop, counts = threading.Event(), []
-        pool = [threading.Thread(target=lambda n=n: counts.append(work(n, stop)))
-                for n in range(first, first + threads)]
+        pool = [
+            threading.Thread(target=lambda n=n: counts.append(work(n, stop)))
+            for n in range(first, first + threads)
+        ]
         for thread in pool:
             thread.start()
         time.sleep(DURATION)  # the measuring window itself, not a wait for a condition
@@ -184,9 +216,10 @@ def contend(work, processes: int = 4, threads: int = 4) -> float:
         results.put(sum(counts))
 
     started = time.perf_counter()
-    children = [multiprocessing.get_context("fork").Process(target=process_main,
-                                                            args=(p * threads,))
-                for p in range(processes)]
+    children = [
+        multiprocessing.get_context("fork").Process(target=process_main, args=(p * threads,))
+        for p in range(processes)
+    ]
     for child in children:
         child.start()
     total = sum(results.get() for _ in children)
@@ -206,13 +239,14 @@ def bench_handover() -> None:
 
     reset()
     server = FakeLLMServer().start()
-    provider = Provider.objects.create(name="fake", kind="openai", model="m",
-                                       base_url=server.base_url, max_concurrency=8)
-    services.ensure_semaphores(provider)
-    gate.set_limit(gate.RUNS, 1)
+    provider = Provider.objects.create(
+        name="fake", kind="openai", model="m", base_url=server.base_url, max_concurrency=8
+    )
+    limits.ensure_semaphores(provider)
+    limits.set_limit(gate.RUNS, 1)
     card = make_card(201)
     cases = list(card.cases.order_by("order"))
-    runs = [services.launch_run(card=card, provider=provider, cases=[case]) for case in cases]
+    runs = [launching.launch_run(card=card, provider=provider, cases=[case]) for case in cases]
     workers = Workers(processes=1, threads=4)
     wait_finished([r.pk for r in runs])
     workers.stop()
@@ -226,10 +260,16 @@ def bench_handover() -> None:
     for before, after in zip(ordered, ordered[1:], strict=False):
         prompt = f"bench {after.results.get().variables['i']}"
         latencies.append((first_call[prompt] - before.finished_at.timestamp()) * 1000)
-    report("hand-over latency p50, 200 runs waiting", f"{percentile(latencies, 0.5):.1f} ms",
-           "<= 10 ms")
-    report("hand-over latency p99, 200 runs waiting", f"{percentile(latencies, 0.99):.1f} ms",
-           "<= 50 ms")
+    report(
+        "hand-over latency p50, 200 runs waiting",
+        f"{percentile(latencies, 0.5):.1f} ms",
+        "<= 10 ms",
+    )
+    report(
+        "hand-over latency p99, 200 runs waiting",
+        f"{percentile(latencies, 0.99):.1f} ms",
+        "<= 50 ms",
+    )
 
 
 # --- 3. makespan ----------------------------------------------------------------------------
@@ -239,11 +279,14 @@ def bench_makespan() -> None:
     """1,000 cases, 8 call slots, a simulated 100 ms provider: ideal is 125 waves x 100 ms."""
     reset()
     provider = Provider.objects.create(
-        name="sim", kind="simulator", max_concurrency=8,
-        parameters={"latency_ms": 100, "jitter_ms": 0, "error_rate": 0})
+        name="sim",
+        kind="simulator",
+        max_concurrency=8,
+        parameters={"latency_ms": 100, "jitter_ms": 0, "error_rate": 0},
+    )
     card = make_card(1000)
     workers = Workers(processes=2, threads=4)  # booted before the clock starts at launch
-    run = services.launch_run(card=card, provider=provider, max_concurrent_tests=8)
+    run = launching.launch_run(card=card, provider=provider, max_concurrent_tests=8)
     wait_finished([run.pk])
     workers.stop()
     run.refresh_from_db()
@@ -261,9 +304,12 @@ def bench_long_run(cases: int = 10_000) -> None:
     sampled through the run (it must stay flat)."""
     reset()
     provider = Provider.objects.create(
-        name="sim0", kind="simulator", max_concurrency=8,
-        parameters={"latency_ms": 0, "jitter_ms": 0, "error_rate": 0})
-    run = services.launch_run(card=make_card(cases), provider=provider, max_concurrent_tests=8)
+        name="sim0",
+        kind="simulator",
+        max_concurrency=8,
+        parameters={"latency_ms": 0, "jitter_ms": 0, "error_rate": 0},
+    )
+    run = launching.launch_run(card=make_card(cases), provider=provider, max_concurrent_tests=8)
     workers = Workers(processes=1, threads=8)
     samples: list[tuple[int, float]] = []
     cpu = 0.0
@@ -280,15 +326,21 @@ def bench_long_run(cases: int = 10_000) -> None:
     peak = max(rss for _, rss in samples)
     at = {q: next(rss for done, rss in samples if done >= q * cases) for q in (0.1, 0.5, 1.0)}
     report("worker CPU per case (10,000 cases)", f"{1000 * cpu / cases:.2f} ms")
-    report("worker memory at 10 % / 50 % / 100 % of the run",
-           " / ".join(f"{at[q]:.0f}" for q in (0.1, 0.5, 1.0)) + " MiB", "flat")
+    report(
+        "worker memory at 10 % / 50 % / 100 % of the run",
+        " / ".join(f"{at[q]:.0f}" for q in (0.1, 0.5, 1.0)) + " MiB",
+        "flat",
+    )
     report("peak worker memory", f"{peak:.0f} MiB")
 
 
 def main() -> None:
     call_command("migrate", verbosity=0)
-    print(f"PostgreSQL {connection.pg_version / 10000:.0f}, {os.cpu_count()} CPUs; "
-          f"{DURATION:.0f} s windows", flush=True)
+    print(
+        f"PostgreSQL {connection.pg_version / 10000:.0f}, {os.cpu_count()} CPUs; "
+        f"{DURATION:.0f} s windows",
+        flush=True,
+    )
     only = os.environ.get("BENCH_ONLY", "")  # e.g. BENCH_ONLY=makespan
     for bench in (bench_pairs, bench_handover, bench_makespan, bench_long_run):
         if only and only not in bench.__name__:

@@ -7,7 +7,7 @@ pages played by WebSocket clients in a separate process (200 or 500 Chromium tab
 on a small machine; what a page does on a message is parse JSON and compare numbers).
 
 1. event latency: 200 pages watch one run; this process commits run events the way a worker
-   does (a result and `events.announce` in one transaction, published after commit through a
+   does (a result and `publish.announce` in one transaction, published after commit through a
    Dramatiq AsyncIO event-loop thread, as in a worker process). Latency is from the commit to
    each page receiving the event: p50 / p99 over every (event, page) pair.
 2. queue positions: 500 runs wait behind a full run slot, each with its page open. A slot
@@ -52,8 +52,10 @@ from django.db import connection, transaction  # noqa: E402
 from django.db.models import F  # noqa: E402
 
 from project.embedded import die_with_parent, free_port, port_is_open  # noqa: E402
-from testruns.engine import gate, services  # noqa: E402
-from testruns.live import events  # noqa: E402
+from testruns.catalog import cards  # noqa: E402
+from testruns.engine import gate, launching, limits  # noqa: E402
+from testruns.live import publish  # noqa: E402
+from testruns.live.snapshots import queue_state  # noqa: E402
 from testruns.models import PromptCard, Provider, TestCase, TestResult, TestRun  # noqa: E402
 
 PAGES = int(os.environ.get("BENCH_PAGES", "200"))
@@ -184,7 +186,7 @@ def make_card(cases: int) -> PromptCard:
         TestCase(card=card, name=f"case {i}", variables={"i": i}, assertions=[], order=i)
         for i in range(cases)
     )
-    services.snapshot_version(card)
+    cards.snapshot_version(card)
     return card
 
 
@@ -202,7 +204,7 @@ def worker_event_loop():
 
 
 def bench_event_latency(host: str, cookie: str, provider: Provider, user: User) -> None:
-    run = services.launch_run(card=make_card(EVENTS), provider=provider, user=user)
+    run = launching.launch_run(card=make_card(EVENTS), provider=provider, user=user)
     paths = [f"/ws/runs/{run.pk}/"] * PAGES
     process, queue, _ = start_pages(host, cookie, paths, "events", EVENTS)
     committed: dict[int, float] = {}
@@ -219,7 +221,7 @@ def bench_event_latency(host: str, cookie: str, provider: Provider, user: User) 
             seq = TestRun.objects.values_list("event_seq", flat=True).get(pk=run.pk) + 1
             # Registered before announce's own callback, so it runs first, at the commit.
             transaction.on_commit(lambda s=seq: committed.__setitem__(s, time.monotonic()))
-            events.announce(run.pk, kind="progress")
+            publish.announce(run.pk, kind="progress")
         time.sleep(max(0.0, 1 / EVENTS_PER_SECOND - (time.monotonic() - started)))
     kind, arrivals = queue.get(timeout=300)
     process.join(timeout=30)
@@ -231,17 +233,19 @@ def bench_event_latency(host: str, cookie: str, provider: Provider, user: User) 
     report("commit -> page, p99", f"{percentile(latencies, 0.99):.1f} ms")
     report("commit -> last of the pages, p50", f"{statistics.median(last_page) * 1000:.1f} ms")
     report("samples (event x page)", str(len(latencies)))
-    services.cancel_run(run)  # give its run slot back
+    launching.cancel_run(run)  # give its run slot back
 
 
 # --- 2. Queue positions ---------------------------------------------------------------------
 
 
 def bench_queue_positions(host: str, cookie: str, provider: Provider, user: User) -> None:
-    gate.set_limit(gate.RUNS, 1)
+    limits.set_limit(gate.RUNS, 1)
     card = make_card(1)
-    running = [services.launch_run(card=card, provider=provider, user=user)]
-    waiting = [services.launch_run(card=card, provider=provider, user=user) for _ in range(WAITING)]
+    running = [launching.launch_run(card=card, provider=provider, user=user)]
+    waiting = [
+        launching.launch_run(card=card, provider=provider, user=user) for _ in range(WAITING)
+    ]
     assert TestRun.objects.filter(status="queued").count() == WAITING
     paths = [f"/ws/runs/{run.pk}/" for run in waiting]
     process, queue, first = start_pages(host, cookie, paths, "positions", SLOT_FREES)
@@ -251,7 +255,7 @@ def bench_queue_positions(host: str, cookie: str, provider: Provider, user: User
         holder = TestRun.objects.get(status="running")
         with transaction.atomic():
             transaction.on_commit(lambda: freed_at.append(time.monotonic()))
-            services.cancel_run(holder)
+            launching.cancel_run(holder)
         # The next round frees the slot once every page has had time to hear of this one; the
         # pages report their own arrival times, so the pause does not enter the figure.
         time.sleep(2.0)
@@ -275,8 +279,6 @@ def bench_queue_positions(host: str, cookie: str, provider: Provider, user: User
 
 
 def events_queue_message_example() -> dict:
-    from testruns.reporting.selectors import queue_state
-
     return {"type": "queue.changed", **queue_state()}
 
 
@@ -285,8 +287,8 @@ def main() -> None:
     provider = Provider.objects.create(
         name="bench-sim", kind="simulator", max_concurrency=4, parameters={"latency_ms": 1}
     )
-    services.ensure_semaphores(provider)
-    gate.set_limit(gate.RUNS, 1000)
+    limits.ensure_semaphores(provider)
+    limits.set_limit(gate.RUNS, 1000)
     user = User.objects.create_user(f"bench-{time.monotonic_ns()}", password="x")
     user.user_permissions.add(
         *Permission.objects.filter(

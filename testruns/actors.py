@@ -19,7 +19,7 @@ import logging
 import dramatiq
 
 from testruns.engine import execution
-from testruns.engine.worker import holder_id, host_pressure, may_keep_cases
+from testruns.engine.worker_identity import holder_id, host_pressure, may_keep_cases
 
 log = logging.getLogger(__name__)
 

@@ -30,21 +30,38 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     django.setup()
     # Imported after django.setup(): they import models.
-    from testruns.engine import gate, services
+    from testruns.engine import gate, launching, limits
     from testruns.models import PromptCard, Provider, TestCase
 
     provider = Provider.objects.create(
-        name="Chaos vendor", kind=Provider.Kind.OPENAI, model="fake-1", base_url=args.vendor,
-        max_concurrency=args.provider_limit, timeout_seconds=args.timeout)
+        name="Chaos vendor",
+        kind=Provider.Kind.OPENAI,
+        model="fake-1",
+        base_url=args.vendor,
+        max_concurrency=args.provider_limit,
+        timeout_seconds=args.timeout,
+    )
     card = PromptCard.objects.create(name="Chaos", slug="chaos", template="Echo {{ word }}.")
     for i in range(args.cases):
-        TestCase.objects.create(card=card, name=f"case {i}", variables={"word": f"w{i}"},
-                                assertions=[{"type": "contains", "value": f"w{i}"}], order=i)
-    services.ensure_semaphores(provider)
-    gate.set_limit(gate.RUNS, args.run_limit)
-    runs = [services.launch_run(card=card, provider=provider, timeout_seconds=args.timeout,
-                                max_retries=args.retries, max_concurrent_tests=args.per_run)
-            for _ in range(args.runs)]
+        TestCase.objects.create(
+            card=card,
+            name=f"case {i}",
+            variables={"word": f"w{i}"},
+            assertions=[{"type": "contains", "value": f"w{i}"}],
+            order=i,
+        )
+    limits.ensure_semaphores(provider)
+    limits.set_limit(gate.RUNS, args.run_limit)
+    runs = [
+        launching.launch_run(
+            card=card,
+            provider=provider,
+            timeout_seconds=args.timeout,
+            max_retries=args.retries,
+            max_concurrent_tests=args.per_run,
+        )
+        for _ in range(args.runs)
+    ]
     json.dump({"runs": [run.pk for run in runs], "provider": provider.pk}, sys.stdout)
 
 

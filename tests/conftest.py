@@ -17,7 +17,7 @@ from django.conf import settings
 from django.contrib.auth.models import Permission
 
 from project.embedded import free_port, port_is_open
-from testruns.engine.services import snapshot_version
+from testruns.catalog.cards import snapshot_version
 from testruns.models import PromptCard, Provider, TestCase
 
 pytest_plugins = ["tests.fake_llm"]
@@ -62,8 +62,12 @@ def process_env(django_db_setup) -> dict[str, str]:
 
     parts = urlsplit(os.environ["DATABASE_URL"])
     test_db_url = urlunsplit(parts._replace(path="/" + connection.settings_dict["NAME"]))
-    env = dict(os.environ, DATABASE_URL=test_db_url, PYTHONUNBUFFERED="1",
-               DJANGO_SETTINGS_MODULE="project.settings")
+    env = dict(
+        os.environ,
+        DATABASE_URL=test_db_url,
+        PYTHONUNBUFFERED="1",
+        DJANGO_SETTINGS_MODULE="project.settings",
+    )
     return env
 
 
@@ -72,8 +76,14 @@ class ChildProcess:
         OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = OUTPUT_DIR / f"{name}-{os.getpid()}-{time.monotonic_ns()}.log"
         self.log = self.log_path.open("wb")
-        self.process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self.log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            args,
+            env=env,
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def output(self) -> str:
         self.log.flush()
@@ -103,12 +113,27 @@ def start_workers(env: dict[str, str], *, processes: int = 1, threads: int = 4) 
     """Real Dramatiq worker processes, ready once every process has booted."""
     worker = ChildProcess(
         "worker",
-        [sys.executable, "manage.py", "rundramatiq", "--processes", str(processes),
-         "--threads", str(threads), "--worker-shutdown-timeout", "8000"],
+        [
+            sys.executable,
+            "manage.py",
+            "rundramatiq",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+            "--worker-shutdown-timeout",
+            "8000",
+        ],
         env,
     )
-    wait_for(lambda: worker.output().count("Worker process is ready for action.") >= processes
-             or worker.process.poll() is not None, timeout=60, what="workers to boot")
+    wait_for(
+        lambda: (
+            worker.output().count("Worker process is ready for action.") >= processes
+            or worker.process.poll() is not None
+        ),
+        timeout=60,
+        what="workers to boot",
+    )
     assert worker.process.poll() is None, worker.output()
     return worker
 
@@ -133,12 +158,23 @@ def asgi_server(process_env):
     port = free_port()
     server = ChildProcess(
         "daphne",
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-         "project.asgi:application"],
+        [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "project.asgi:application",
+        ],
         process_env,
     )
-    wait_for(lambda: port_is_open(port) or server.process.poll() is not None,
-             timeout=60, what="daphne to listen")
+    wait_for(
+        lambda: port_is_open(port) or server.process.poll() is not None,
+        timeout=60,
+        what="daphne to listen",
+    )
     assert server.process.poll() is None, server.output()
     yield f"127.0.0.1:{port}"
     server.stop()
@@ -161,7 +197,9 @@ def launcher(user):
 @pytest.fixture
 def simulator(db):
     return Provider.objects.create(
-        name="Test simulator", kind=Provider.Kind.SIMULATOR, model="sim",
+        name="Test simulator",
+        kind=Provider.Kind.SIMULATOR,
+        model="sim",
         parameters={"latency_ms": 50, "jitter_ms": 0, "error_rate": 0},
     )
 
@@ -170,13 +208,21 @@ def simulator(db):
 def make_card(db, user):
     def make(slug: str = "greeting", cases: int = 3, **fields) -> PromptCard:
         card = PromptCard.objects.create(
-            name=fields.pop("name", slug.title()), slug=slug, owner=user,
+            name=fields.pop("name", slug.title()),
+            slug=slug,
+            owner=user,
             template=fields.pop("template", "Say hello to {{ name }}."),
-            system_prompt=fields.pop("system_prompt", "Be brief."), **fields,
+            system_prompt=fields.pop("system_prompt", "Be brief."),
+            **fields,
         )
         for i in range(cases):
-            TestCase.objects.create(card=card, name=f"case {i}", variables={"name": f"N{i}"},
-                                    assertions=[{"type": "contains", "value": f"N{i}"}], order=i)
+            TestCase.objects.create(
+                card=card,
+                name=f"case {i}",
+                variables={"name": f"N{i}"},
+                assertions=[{"type": "contains", "value": f"N{i}"}],
+                order=i,
+            )
         snapshot_version(card)
         return card
 

@@ -212,10 +212,10 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
         def _prepare(self, reply: FakeReply, body: Any) -> tuple[int, Any, dict] | None:
             """Wait out the latency, then build (status, payload, headers); None: no answer."""
             delay = server.latency if reply.latency is None else reply.latency
-            if delay and server._stopping.wait(delay):
+            if delay and not self._client_waits(delay):
                 return None
             if reply.hang:
-                self._hang()
+                self._client_waits(None)
                 return None
             if reply.raw is not None:
                 return reply.status, reply.raw, reply.headers
@@ -278,15 +278,25 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
             except OSError:  # the client stopped reading (it refused the answer): expected
                 self.close_connection = True
 
-        def _hang(self) -> None:
-            """Answer nothing until the server stops or the client hangs up (EOF on read)."""
-            while not server._stopping.wait(0.05):
+        def _client_waits(self, seconds: float | None) -> bool:
+            """Wait `seconds` (None: for ever) while the client keeps its connection open, as a
+            real server would: True when the time is up, False as soon as the client hangs up
+            or the server stops. The hang-up is seen at once (a blocking select), so a request
+            the client gave up on stops counting as in flight before its retry can arrive."""
+            deadline = None if seconds is None else time.monotonic() + seconds
+            while not server._stopping.is_set():
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    return True
                 try:
-                    readable, _, _ = select.select([self.connection], [], [], 0)
-                    if readable and not self.connection.recv(1, socket.MSG_PEEK):
-                        return
+                    readable, _, _ = select.select([self.connection], [], [], left)
+                    if readable:
+                        if not self.connection.recv(1, socket.MSG_PEEK):
+                            return False
+                        time.sleep(left)  # bytes of a next request: not a hang-up
                 except OSError:  # reset by the client: it gave up too
-                    return
+                    return False
+            return False
 
         def _control(self, body: dict[str, Any]) -> None:
             if body.get("reset"):

@@ -12,7 +12,7 @@ from django.contrib.auth.models import Permission
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from testruns.engine import gate, services
+from testruns.engine import admission, gate, launching, limits
 from testruns.models import PromptCard, PromptVersion, Provider, Semaphore, TestCase, TestRun
 
 pytestmark = pytest.mark.django_db
@@ -272,7 +272,7 @@ def test_a_body_over_the_upload_limit_is_413(api, settings):
 
 def test_the_browsable_api_renders_for_people(client, launcher, make_card, simulator):
     client.force_login(launcher)
-    run = services.launch_run(card=make_card(), provider=simulator, user=launcher)
+    run = launching.launch_run(card=make_card(), provider=simulator, user=launcher)
     for url in (
         "/api/",
         "/api/runs/",
@@ -481,11 +481,11 @@ def test_a_batch_queues_all_or_nothing(api, make_card, simulator):
 
 
 def test_progress_shows_queue_place_counts_and_why_the_run_waits(api, make_card, simulator):
-    services.ensure_semaphores(simulator)
-    gate.set_limit(gate.RUNS, 1)
+    limits.ensure_semaphores(simulator)
+    limits.set_limit(gate.RUNS, 1)
     card = make_card()
     running = launch(api, card, simulator).json()["id"]
-    gate.admit_runs()
+    admission.admit_runs()
     waiting = launch(api, card, simulator).json()["id"]
     progress = api.get(f"/api/runs/{waiting}/progress/").json()
     assert progress["status"] == "queued" and progress["queue_position"] == 1
@@ -513,15 +513,15 @@ def test_results_come_in_case_order_a_page_at_a_time(api, make_card, simulator):
 
 
 def test_active_lists_running_runs_then_waiting_ones_in_queue_order(api, make_card, simulator):
-    services.ensure_semaphores(simulator)
-    gate.set_limit(gate.RUNS, 1)
+    limits.ensure_semaphores(simulator)
+    limits.set_limit(gate.RUNS, 1)
     card = make_card()
     first = launch(api, card, simulator).json()["id"]
-    gate.admit_runs()
+    admission.admit_runs()
     low = launch(api, card, simulator, priority=-5).json()["id"]
     high = launch(api, card, simulator, priority=5).json()["id"]
     done = launch(api, card, simulator).json()["id"]
-    services.cancel_run(TestRun.objects.get(pk=done))
+    launching.cancel_run(TestRun.objects.get(pk=done))
     active = api.get("/api/runs/active/").json()["results"]
     assert [(r["id"], r["status"], r["queue_position"]) for r in active] == [
         (first, "running", None),
@@ -594,11 +594,11 @@ def test_cancel_needs_the_permission_and_keeps_finished_runs_as_they_are(
 
 
 def test_cancelling_a_running_run_gives_its_slot_to_the_next(api, make_card, simulator):
-    services.ensure_semaphores(simulator)
-    gate.set_limit(gate.RUNS, 1)
+    limits.ensure_semaphores(simulator)
+    limits.set_limit(gate.RUNS, 1)
     card = make_card()
     first = launch(api, card, simulator).json()["id"]
-    gate.admit_runs()
+    admission.admit_runs()
     second = launch(api, card, simulator).json()["id"]
     assert api.delete(f"/api/runs/{first}/").status_code == 200
     assert TestRun.objects.get(pk=second).status == "running"
@@ -681,7 +681,7 @@ def test_card_crud_follows_model_permissions_and_versions_the_prompt(editor, use
 
 def test_a_card_with_runs_cannot_be_deleted(editor, make_card, simulator):
     card = make_card()
-    services.launch_run(card=card, provider=simulator)
+    launching.launch_run(card=card, provider=simulator)
     response = client_for(editor).delete(f"/api/cards/{card.pk}/")
     assert response.status_code == 409
     assert "still in use" in response.json()["detail"]
@@ -706,11 +706,11 @@ def test_card_validation_is_the_models_with_its_messages(editor, make_card):
 
 def test_a_baseline_must_be_a_visible_run_of_the_card(editor, make_card, simulator):
     card, other = make_card(), make_card("other")
-    run = services.launch_run(card=other, provider=simulator)
+    run = launching.launch_run(card=other, provider=simulator)
     api = client_for(grant(editor, "view_testrun"))
     refused = api.patch(f"/api/cards/{card.pk}/", {"baseline_run": run.pk}, format="json")
     assert refused.json() == {"baseline_run": ["Pick a run of this card."]}
-    own = services.launch_run(card=card, provider=simulator)
+    own = launching.launch_run(card=card, provider=simulator)
     assert (
         api.patch(f"/api/cards/{card.pk}/", {"baseline_run": own.pk}, format="json").json()[
             "baseline_run"
@@ -804,7 +804,7 @@ def test_providers_take_the_name_of_a_key_variable_never_a_key(editor):
 
 
 def test_changing_a_providers_limit_changes_its_semaphore(editor, simulator, make_card):
-    services.ensure_semaphores(simulator)
+    limits.ensure_semaphores(simulator)
     response = client_for(editor).patch(
         f"/api/providers/{simulator.pk}/", {"max_concurrency": 9}, format="json"
     )
@@ -885,7 +885,7 @@ def test_lists_take_as_many_queries_for_many_rows_as_for_few(root_api, make_card
         card = make_card(f"card-{PromptCard.objects.count()}", cases=2)
         Provider.objects.create(name=f"p{Provider.objects.count()}", kind="simulator", model="s")
         for _ in range(n):
-            services.launch_run(card=card, provider=simulator)
+            launching.launch_run(card=card, provider=simulator)
 
     add(1)
     few = counts()

@@ -28,7 +28,7 @@ from rest_framework.authtoken.models import Token
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from testruns.engine import gate, services
+from testruns.engine import admission, gate, launching, limits
 from testruns.models import PromptCard, Provider, TestCase, TestRun
 
 pytestmark = pytest.mark.django_db
@@ -84,11 +84,11 @@ def api_schema(request, django_user_model, make_card, simulator):
         make_card("fuzz-empty", cases=0),
     ]
     spare = Provider.objects.create(name="Spare", kind="simulator", model="sim-2")
-    services.ensure_semaphores(simulator)
-    gate.set_limit(gate.RUNS, 1)
-    runs = [services.launch_run(card=cards[0], provider=simulator, user=admin) for _ in range(3)]
-    gate.admit_runs()  # one running, two waiting
-    services.cancel_run(runs[2])
+    limits.ensure_semaphores(simulator)
+    limits.set_limit(gate.RUNS, 1)
+    runs = [launching.launch_run(card=cards[0], provider=simulator, user=admin) for _ in range(3)]
+    admission.admit_runs()  # one running, two waiting
+    launching.cancel_run(runs[2])
     card_ids = [card.pk for card in cards]
     provider_ids = [simulator.pk, spare.pk]
     client = Client()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -82,15 +83,21 @@ class ChaosWorld:
                 handle.write(f"host all all {listen}/24 scram-sha-256\n")
         self.supervisor.add(
             "postgres",
-            lambda: embedded.spawn_postgres(pg_dir, pg_port, durable=False,
-                                            listen=",".join(addresses)),
-            stop_signal=signal.SIGINT, group="services",
-            ready=lambda: embedded.pg_accepts(pg_port))
+            lambda: embedded.spawn_postgres(
+                pg_dir, pg_port, durable=False, listen=",".join(addresses)
+            ),
+            stop_signal=signal.SIGINT,
+            group="services",
+            ready=lambda: embedded.pg_accepts(pg_port),
+        )
         self.supervisor.add(
             "redis",
-            lambda: embedded.spawn_redis(redis_dir, redis_port, redis_password, durable=False,
-                                         listen=" ".join(addresses)),
-            group="services", ready=lambda: embedded.port_is_open(redis_port))
+            lambda: embedded.spawn_redis(
+                redis_dir, redis_port, redis_password, durable=False, listen=" ".join(addresses)
+            ),
+            group="services",
+            ready=lambda: embedded.port_is_open(redis_port),
+        )
         self.supervisor.start()
         server = embedded.postgres_url(pg_port, pg_password)
         self.local_db = embedded.ensure_database(server, "chaos")
@@ -108,23 +115,41 @@ class ChaosWorld:
             "DATABASE_URL": self.local_db.replace("127.0.0.1", listen),
             "REDIS_URL": self.env["REDIS_URL"].replace("127.0.0.1", listen),
         }
-        subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-                       env=self.env, cwd=ROOT, check=True)
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+            env=self.env,
+            cwd=ROOT,
+            check=True,
+        )
 
     def start_vendor(self, latency: float) -> None:
         self.vendor = subprocess.Popen(
-            [sys.executable, "-m", "tests.fake_llm", "--host", self.listen, "--port", "0",
-             "--latency", str(latency)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "tests.fake_llm",
+                "--host",
+                self.listen,
+                "--port",
+                "0",
+                "--latency",
+                str(latency),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
         self.vendor_url = self.vendor.stdout.readline().strip()
         assert self.vendor_url.startswith("http://"), self.vendor_url
 
     def vendor_call(self, path: str, payload: dict | None = None) -> dict:
         data = json.dumps(payload).encode() if payload is not None else None
         root = self.vendor_url.removesuffix("/v1")
-        request = urllib.request.Request(root + path, data=data,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            root + path, data=data, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read() or b"{}")
 
@@ -132,8 +157,9 @@ class ChaosWorld:
         args = [sys.executable, "-m", "tests.chaos_launch", "--vendor", self.vendor_url]
         for name, value in options.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
-        done = subprocess.run(args, env=self.env, cwd=ROOT, check=True, capture_output=True,
-                              text=True)
+        done = subprocess.run(
+            args, env=self.env, cwd=ROOT, check=True, capture_output=True, text=True
+        )
         return json.loads(done.stdout)["runs"]
 
     # the app
@@ -141,22 +167,59 @@ class ChaosWorld:
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Callable:
         def start() -> subprocess.Popen:
             with (self.logs / f"{name}.log").open("ab") as log:
-                return subprocess.Popen(args, env=env, cwd=ROOT, stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True,
-                                        preexec_fn=embedded.die_with_parent(signal.SIGKILL))
+                return subprocess.Popen(
+                    args,
+                    env=env,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=embedded.die_with_parent(signal.SIGKILL),
+                )
+
         return start
 
     def add_web(self) -> None:
         port = self.web_port
-        self.supervisor.add("web", self._spawn("web", [
-            sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-            "project.asgi:application"], self.env), ready=lambda: embedded.port_is_open(port))
+        self.supervisor.add(
+            "web",
+            self._spawn(
+                "web",
+                [
+                    sys.executable,
+                    "-m",
+                    "daphne",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "project.asgi:application",
+                ],
+                self.env,
+            ),
+            ready=lambda: embedded.port_is_open(port),
+        )
 
-    def add_worker(self, name: str, *, threads: int = 4, wrap: list[str] | None = None,
-                   env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "manage.py", "rundramatiq", "--processes", "1", "--threads",
-                   str(threads), "--worker-shutdown-timeout", "2000"]
+    def add_worker(
+        self,
+        name: str,
+        *,
+        threads: int = 4,
+        wrap: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        command = [
+            sys.executable,
+            "manage.py",
+            "rundramatiq",
+            "--processes",
+            "1",
+            "--threads",
+            str(threads),
+            "--worker-shutdown-timeout",
+            "2000",
+        ]
         self.supervisor.add(name, self._spawn(name, (wrap or []) + command, env or self.env))
 
     def worker_log(self, name: str) -> str:
@@ -166,8 +229,9 @@ class ChaosWorld:
         """Start what was added since, and restart whatever dies from now on."""
         self.supervisor.start()
         if self.watcher is None:
-            self.watcher = threading.Thread(target=self.supervisor.watch, args=(self.stopping,),
-                                            name="supervisor", daemon=True)
+            self.watcher = threading.Thread(
+                target=self.supervisor.watch, args=(self.stopping,), name="supervisor", daemon=True
+            )
             self.watcher.start()
 
     def stop(self) -> None:
@@ -192,29 +256,39 @@ class ChaosWorld:
             return None
 
     def unfinished_runs(self, run_ids: list[int]) -> int | None:
-        rows = self.try_query("SELECT count(*) FROM testruns_testrun WHERE id = ANY(%s) "
-                              "AND status <> ALL(%s)", (run_ids, list(FINISHED)))
+        rows = self.try_query(
+            "SELECT count(*) FROM testruns_testrun WHERE id = ANY(%s) AND status <> ALL(%s)",
+            (run_ids, list(FINISHED)),
+        )
         return None if rows is None else rows[0][0]
 
-    def assert_every_run_ended_and_every_slot_came_back(self, run_ids: list[int],
-                                                        cases: int) -> None:
-        statuses = dict(self.query("SELECT id, status FROM testruns_testrun WHERE id = ANY(%s)",
-                                   (run_ids,)))
+    def assert_every_run_ended_and_every_slot_came_back(
+        self, run_ids: list[int], cases: int
+    ) -> None:
+        statuses = dict(
+            self.query("SELECT id, status FROM testruns_testrun WHERE id = ANY(%s)", (run_ids,))
+        )
         assert sorted(statuses) == sorted(run_ids)
         assert set(statuses.values()) <= set(FINISHED), statuses
         per_run = self.query(
             "SELECT run_id, count(*), count(DISTINCT case_id), "
             "count(*) FILTER (WHERE status = ANY(%s)) FROM testruns_testresult "
-            "WHERE run_id = ANY(%s) GROUP BY run_id", (list(DONE), run_ids))
+            "WHERE run_id = ANY(%s) GROUP BY run_id",
+            (list(DONE), run_ids),
+        )
         assert len(per_run) == len(run_ids)
         for run_id, results, distinct_cases, done in per_run:
             assert (results, distinct_cases, done) == (cases, cases, cases), run_id
-        totals = self.query("SELECT id, done_count, total_cases FROM testruns_testrun "
-                            "WHERE id = ANY(%s) AND done_count <> total_cases", (run_ids,))
+        totals = self.query(
+            "SELECT id, done_count, total_cases FROM testruns_testrun "
+            "WHERE id = ANY(%s) AND done_count <> total_cases",
+            (run_ids,),
+        )
         assert totals == []
         semaphores = self.query(
             "SELECT s.name, s.in_use, (SELECT count(*) FROM testruns_lease l "
-            "WHERE l.semaphore_id = s.id) FROM testruns_semaphore s ORDER BY s.name")
+            "WHERE l.semaphore_id = s.id) FROM testruns_semaphore s ORDER BY s.name"
+        )
         for name, in_use, leases in semaphores:
             assert in_use == leases == 0, (name, in_use, leases)
 
@@ -246,7 +320,8 @@ class PeakSampler(threading.Thread):
         while not self.done.wait(0.1):
             rows = self.world.try_query(
                 "SELECT s.name, count(l.id) FROM testruns_semaphore s "
-                "LEFT JOIN testruns_lease l ON l.semaphore_id = s.id GROUP BY s.name")
+                "LEFT JOIN testruns_lease l ON l.semaphore_id = s.id GROUP BY s.name"
+            )
             for name, held in rows or []:
                 self.peaks[name] = max(self.peaks.get(name, 0), held)
 
@@ -256,8 +331,7 @@ class PeakSampler(threading.Thread):
 # What the vendor answers, in proportion: mostly good answers, and every kind of bad one.
 VENDOR_MIX = [
     (50, {}),
-    (6, {"raw": "<html><body><h1>502 Bad Gateway</h1></body></html>",
-         "content_type": "text/html"}),
+    (6, {"raw": "<html><body><h1>502 Bad Gateway</h1></body></html>", "content_type": "text/html"}),
     (5, {"text": "before\u0000after"}),
     (5, {"text": "lone \ud800 surrogate"}),
     (5, {"usage": {"prompt_tokens": -5, "completion_tokens": -7, "total_tokens": -12}}),
@@ -277,7 +351,7 @@ def dramatiq_worker_processes(world: ChaosWorld, name: str) -> list[psutil.Proce
     """The processes that run actors: the children of a `rundramatiq` main process."""
     with suppress(LookupError, psutil.Error):
         main = psutil.Process(world.supervisor.process(name).pid)
-        return main.children()
+        return [p for p in main.children() if p.status() != psutil.STATUS_ZOMBIE]
     return []
 
 
@@ -296,8 +370,9 @@ def test_faults_every_run_ends_with_one_result_per_case_and_every_slot_back():
         for name in workers:
             world.add_worker(name)
         world.run()
-        run_ids = world.launch(runs=20, cases=10, provider_limit=4, run_limit=3, timeout=2,
-                               retries=2, per_run=2)
+        run_ids = world.launch(
+            runs=20, cases=10, provider_limit=4, run_limit=3, timeout=2, retries=2, per_run=2
+        )
         sampler = PeakSampler(world)
         sampler.start()
 
@@ -330,8 +405,12 @@ def test_faults_every_run_ends_with_one_result_per_case_and_every_slot_back():
             time.sleep(0.1)  # the pace of the faults, not a wait for a condition
         world.note(f"chaos over: {kills} worker kills; waiting for the runs to end")
 
-        wait_for(lambda: world.unfinished_runs(run_ids) == 0, timeout=240, interval=0.5,
-                 what="every run to end after the faults")
+        wait_for(
+            lambda: world.unfinished_runs(run_ids) == 0,
+            timeout=240,
+            interval=0.5,
+            what="every run to end after the faults",
+        )
         sampler.done.set()
         sampler.join()
         stats = world.vendor_call("/_stats")
@@ -344,11 +423,13 @@ def test_faults_every_run_ends_with_one_result_per_case_and_every_slot_back():
         assert stats["peak_concurrency"] <= 4, stats
         provider = next(name for name in sampler.peaks if name.startswith("provider:"))
         assert sampler.peaks[provider] <= 4 and sampler.peaks["runs"] <= 3, sampler.peaks
-        errors = dict(world.query("SELECT status, count(*) FROM testruns_testresult "
-                                  "GROUP BY status"))
+        errors = dict(
+            world.query("SELECT status, count(*) FROM testruns_testresult GROUP BY status")
+        )
         world.note(f"results by status: {errors}; vendor: {stats}; peaks: {sampler.peaks}")
-        with urllib.request.urlopen(f"http://127.0.0.1:{world.web_port}/healthz",
-                                    timeout=10) as response:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{world.web_port}/healthz", timeout=10
+        ) as response:
             assert response.status == 200  # the app is still serving, with live workers
 
 
@@ -362,9 +443,23 @@ class Hosts:
     PostgreSQL, Redis and the vendor listen (on BRIDGE_ADDRESS)."""
 
     def __init__(self) -> None:
-        self.tag = f"{os.getpid() % 10000}"
+        self.tag = str(os.getpid())
         self.bridge = f"pcrbr{self.tag}"
         self.namespaces: dict[str, str] = {}
+
+    @classmethod
+    def remove_stale(cls) -> None:
+        """Remove the bridge and namespaces of an earlier run that was killed before it could
+        (named after its pid): its bridge would hold BRIDGE_ADDRESS and take our traffic."""
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True)
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+        for pid in set(re.findall(r"pcrbr(\d+)", links.stdout)) | set(
+            re.findall(r"pcr(\d+)host", namespaces.stdout)
+        ):
+            if pid != str(os.getpid()) and not psutil.pid_exists(int(pid)):
+                subprocess.run(["ip", "link", "del", f"pcrbr{pid}"], capture_output=True)
+                for name in re.findall(rf"pcr{pid}host\w*", namespaces.stdout):
+                    subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
     @staticmethod
     def ip(*args: str) -> None:
@@ -378,15 +473,25 @@ class Hosts:
             namespace = f"pcr{self.tag}{name}"
             self.ip("netns", "add", namespace)
             self.namespaces[name] = namespace
-            self.ip("link", "add", self.veth(name), "type", "veth", "peer", "name", "eth0",
-                    "netns", namespace)
+            self.ip(
+                "link",
+                "add",
+                self.veth(name),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                namespace,
+            )
             self.ip("link", "set", self.veth(name), "master", self.bridge, "up")
             self.ip("-n", namespace, "addr", "add", f"10.231.0.{number}/24", "dev", "eth0")
             self.ip("-n", namespace, "link", "set", "eth0", "up")
             self.ip("-n", namespace, "link", "set", "lo", "up")
 
     def veth(self, name: str) -> str:
-        return f"v{self.tag}{name}"[:15]
+        return f"v{self.tag}{name[-1]}"  # at most 15 characters: "v", a pid, a letter
 
     def cut(self, name: str) -> None:
         self.ip("link", "set", self.veth(name), "down")
@@ -396,8 +501,18 @@ class Hosts:
 
     def wrap(self, name: str) -> list[str]:
         """Run a command on that host: its namespace, and a host name of its own."""
-        return ["ip", "netns", "exec", self.namespaces[name], "unshare", "--uts", "sh", "-c",
-                f'hostname {name} && exec "$@"', "sh"]
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.namespaces[name],
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            f'hostname {name} && exec "$@"',
+            "sh",
+        ]
 
     def remove(self) -> None:
         for name, namespace in self.namespaces.items():
@@ -412,6 +527,7 @@ def hosts() -> Iterator[Hosts]:
         if os.environ.get("CI"):
             pytest.fail("the hosts chaos test needs root and iproute2 in CI")
         pytest.skip("needs root and iproute2 (ip netns)")
+    Hosts.remove_stale()
     made = Hosts()
     try:
         made.create(["hosta", "hostb"])
@@ -429,15 +545,19 @@ def test_hosts_a_cut_off_host_s_cases_run_elsewhere_and_it_writes_nothing_on_ret
         world.start_services()
         world.start_vendor(latency=1.0)
         for name in ("hosta", "hostb"):
-            world.add_worker(name, threads=2, wrap=hosts.wrap(name),
-                             env=world.env | world.remote_env)
+            world.add_worker(
+                name, threads=2, wrap=hosts.wrap(name), env=world.env | world.remote_env
+            )
         world.run()
-        run_ids = world.launch(runs=4, cases=8, provider_limit=4, run_limit=4, timeout=5,
-                               retries=1, per_run=2)
+        run_ids = world.launch(
+            runs=4, cases=8, provider_limit=4, run_limit=4, timeout=5, retries=1, per_run=2
+        )
 
         def held_by_a() -> list[int]:
-            rows = world.query("SELECT result_id FROM testruns_lease WHERE holder LIKE "
-                               "'hosta:%%' AND result_id IS NOT NULL")
+            rows = world.query(
+                "SELECT result_id FROM testruns_lease WHERE holder LIKE "
+                "'hosta:%%' AND result_id IS NOT NULL"
+            )
             return [row[0] for row in rows]
 
         wait_for(held_by_a, timeout=60, what="host A to hold cases")
@@ -447,11 +567,16 @@ def test_hosts_a_cut_off_host_s_cases_run_elsewhere_and_it_writes_nothing_on_ret
         assert stranded
         world.note(f"chaos: host A cut off holding results {stranded}")
 
-        wait_for(lambda: world.unfinished_runs(run_ids) == 0, timeout=120, interval=0.5,
-                 what="host B to finish every run, host A's cases included")
+        wait_for(
+            lambda: world.unfinished_runs(run_ids) == 0,
+            timeout=120,
+            interval=0.5,
+            what="host B to finish every run, host A's cases included",
+        )
         assert time.monotonic() - cut_at > ttl
-        finished = world.query("SELECT id, status, output, finished_at, attempts "
-                               "FROM testruns_testresult ORDER BY id")
+        finished = world.query(
+            "SELECT id, status, output, finished_at, attempts FROM testruns_testresult ORDER BY id"
+        )
         statuses = {row[0]: row[1] for row in finished}
         assert all(statuses[result] in DONE for result in stranded)
 
@@ -460,23 +585,44 @@ def test_hosts_a_cut_off_host_s_cases_run_elsewhere_and_it_writes_nothing_on_ret
         world.note("chaos: host A reconnected")
         # Host A is back once its heartbeat reaches PostgreSQL again; then each thread the
         # cut interrupted finds its lease gone and drops its case.
-        wait_for(lambda: world.query(
-            "SELECT 1 FROM testruns_workerheartbeat WHERE hostname = 'hosta' "
-            "AND last_seen > %s", (reconnected,)), timeout=120, interval=0.5,
-            what="host A to heartbeat again")
-        cases = world.query("SELECT run_id, case_id FROM testruns_testresult "
-                            "WHERE id = ANY(%s)", (stranded,))
+        wait_for(
+            lambda: world.query(
+                "SELECT 1 FROM testruns_workerheartbeat WHERE hostname = 'hosta' "
+                "AND last_seen > %s",
+                (reconnected,),
+            ),
+            timeout=120,
+            interval=0.5,
+            what="host A to heartbeat again",
+        )
+        cases = world.query(
+            "SELECT run_id, case_id FROM testruns_testresult WHERE id = ANY(%s)", (stranded,)
+        )
 
         def a_gave_up_every_stranded_case() -> bool:
-            lines = [line for line in world.worker_log("hosta").splitlines()
-                     if "outcome discarded" in line or "case abandoned" in line]
-            return all(any(line.endswith(f"run={run} case={case}") for line in lines)
-                       for run, case in cases)
+            lines = [
+                line
+                for line in world.worker_log("hosta").splitlines()
+                if "outcome discarded" in line or "case abandoned" in line
+            ]
+            return all(
+                any(line.endswith(f"run={run} case={case}") for line in lines)
+                for run, case in cases
+            )
 
-        wait_for(a_gave_up_every_stranded_case, timeout=120, interval=0.5,
-                 what="host A to discard or abandon every case it lost")
+        wait_for(
+            a_gave_up_every_stranded_case,
+            timeout=120,
+            interval=0.5,
+            what="host A to discard or abandon every case it lost",
+        )
 
-        assert world.query("SELECT id, status, output, finished_at, attempts "
-                           "FROM testruns_testresult ORDER BY id") == finished
+        assert (
+            world.query(
+                "SELECT id, status, output, finished_at, attempts "
+                "FROM testruns_testresult ORDER BY id"
+            )
+            == finished
+        )
         world.assert_every_run_ended_and_every_slot_came_back(run_ids, cases=8)
         assert world.vendor_call("/_stats")["peak_concurrency"] <= 4

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from testruns.engine import gate, services
+from testruns.engine import gate, launching, limits
 from testruns.models import Provider, TestCase, TestRun
 from tests.conftest import ROOT, wait_for
 
@@ -100,9 +100,9 @@ def test_ctrl_c_while_waiting_cancels_the_run_and_exits_130(
     process_env, fake_openai, make_card, tmp_path
 ):
     card = make_card("waiting", cases=2)
-    services.ensure_semaphores(fake_openai)
-    gate.set_limit(gate.RUNS, 1)
-    blocker = services.launch_run(card=card, provider=fake_openai)  # takes the only slot
+    limits.ensure_semaphores(fake_openai)
+    limits.set_limit(gate.RUNS, 1)
+    blocker = launching.launch_run(card=card, provider=fake_openai)  # takes the only slot
     log_path = tmp_path / "stderr.log"
     with log_path.open("w") as log:
         child = subprocess.Popen(
@@ -133,9 +133,9 @@ def test_ctrl_c_while_waiting_cancels_the_run_and_exits_130(
 
 def test_a_full_queue_exits_75_and_queues_nothing(process_env, fake_openai, make_card):
     card = make_card("busy", cases=1)
-    services.ensure_semaphores(fake_openai)
-    gate.set_limit(gate.RUNS, 0)
-    services.launch_run(card=card, provider=fake_openai)
+    limits.ensure_semaphores(fake_openai)
+    limits.set_limit(gate.RUNS, 0)
+    launching.launch_run(card=card, provider=fake_openai)
     result = run_card(process_env | {"MAX_QUEUE_LENGTH": "1"}, "busy", "-p", "fake-openai")
     assert result.returncode == 75
     assert "The queue is full" in result.stderr

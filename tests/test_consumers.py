@@ -13,8 +13,9 @@ from django.db import transaction
 from django.db.models import F
 
 from project.asgi import application
-from testruns.engine import gate, services
-from testruns.live import events
+from testruns.engine import gate, launching, limits
+from testruns.live import wire
+from testruns.live.publish import announce
 from testruns.models import TestResult, TestRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -40,8 +41,8 @@ def group_size(group: str) -> int:
 
 
 def run_limit(limit: int, provider) -> None:
-    services.ensure_semaphores(provider)
-    gate.set_limit(gate.RUNS, limit)
+    limits.ensure_semaphores(provider)
+    limits.set_limit(gate.RUNS, limit)
 
 
 @sync_to_async
@@ -56,7 +57,7 @@ def finish_case(run_id: int, position: int, *, output: str = "done", publish: bo
             done_count=F("done_count") + 1, passed_count=F("passed_count") + 1
         )
         if publish:
-            events.announce(run_id, kind="progress")
+            announce(run_id, kind="progress")
         else:
             TestRun.objects.filter(pk=run_id).update(event_seq=F("event_seq") + 1)
 
@@ -73,7 +74,7 @@ async def receive_until(ws: WebsocketCommunicator, predicate) -> list[dict]:
 def test_anonymous_and_unauthorized_users_are_closed_with_4403(
     client, launcher, django_user_model, make_card, simulator
 ):
-    run = services.launch_run(card=make_card(), provider=simulator, user=launcher)
+    run = launching.launch_run(card=make_card(), provider=simulator, user=launcher)
     stranger = django_user_model.objects.create_user("stranger", password="pw-stranger-1")
     stranger_cookie = cookie_for(client, stranger)
 
@@ -89,7 +90,7 @@ def test_anonymous_and_unauthorized_users_are_closed_with_4403(
             closed = await ws.receive_output(timeout=TIMEOUT)
             assert closed == {"type": "websocket.close", "code": 4403}, path
             # Refused in connect(), before joining: the run's group has no member.
-            assert group_size(events.run_group(run.pk)) == 0
+            assert group_size(wire.run_group(run.pk)) == 0
             await ws.disconnect()
 
     async_to_sync(scenario)()
@@ -98,14 +99,14 @@ def test_anonymous_and_unauthorized_users_are_closed_with_4403(
 def test_snapshot_then_deltas_numbered_by_the_run_sequence(
     launcher, session_cookie, make_card, simulator
 ):
-    run = services.launch_run(card=make_card(cases=3), provider=simulator, user=launcher)
+    run = launching.launch_run(card=make_card(cases=3), provider=simulator, user=launcher)
 
     async def scenario():
         ws = communicator(f"/ws/runs/{run.pk}/", session_cookie)
         assert (await ws.connect())[0]
         snapshot = await ws.receive_json_from(timeout=TIMEOUT)
         assert snapshot["type"] == "snapshot" and snapshot["results"] == []
-        assert group_size(events.run_group(run.pk)) == 1
+        assert group_size(wire.run_group(run.pk)) == 1
         assert snapshot["run"]["total_cases"] == 3 and snapshot["run"]["done_count"] == 0
         seq = snapshot["seq"]
         assert seq == await sync_to_async(lambda: TestRun.objects.get(pk=run.pk).event_seq)()
@@ -129,7 +130,7 @@ def test_snapshot_then_deltas_numbered_by_the_run_sequence(
 def test_a_gap_in_sequence_numbers_is_repaired_by_a_resync_snapshot(
     launcher, session_cookie, make_card, simulator
 ):
-    run = services.launch_run(card=make_card(cases=3), provider=simulator, user=launcher)
+    run = launching.launch_run(card=make_card(cases=3), provider=simulator, user=launcher)
 
     async def scenario():
         ws = communicator(f"/ws/runs/{run.pk}/", session_cookie)
@@ -154,9 +155,9 @@ def test_waiting_page_derives_its_position_from_the_queue_broadcast(
 ):
     run_limit(1, simulator)
     card = make_card()
-    first = services.launch_run(card=card, provider=simulator, user=launcher)
-    second = services.launch_run(card=card, provider=simulator, user=launcher)
-    third = services.launch_run(card=card, provider=simulator, user=launcher)
+    first = launching.launch_run(card=card, provider=simulator, user=launcher)
+    second = launching.launch_run(card=card, provider=simulator, user=launcher)
+    third = launching.launch_run(card=card, provider=simulator, user=launcher)
     assert TestRun.objects.get(pk=first.pk).status == "running"
 
     async def scenario():
@@ -167,14 +168,14 @@ def test_waiting_page_derives_its_position_from_the_queue_broadcast(
         assert (snapshot["queue"]["position"], snapshot["queue"]["waiting"]) == (2, 2)
         assert snapshot["queue"]["slots"] == [1, 1]
 
-        await sync_to_async(services.cancel_run)(second)
+        await sync_to_async(launching.cancel_run)(second)
         update = await ws.receive_json_from(timeout=TIMEOUT)
         # Only the queue, and nothing private: no card, user or output.
         assert set(update) == {"type", "version", "position", "waiting", "slots"}
         assert (update["type"], update["position"], update["waiting"]) == ("queue", 1, 1)
         assert update["version"] > snapshot["queue"]["version"]
 
-        await sync_to_async(services.cancel_run)(first)  # frees the slot: third starts
+        await sync_to_async(launching.cancel_run)(first)  # frees the slot: third starts
         messages = await receive_until(
             ws, lambda m: m.get("data", {}).get("run", {}).get("status") == "running"
         )
@@ -189,8 +190,8 @@ def test_queue_broadcasts_overtaken_by_newer_ones_are_dropped(
 ):
     run_limit(1, simulator)
     card = make_card()
-    services.launch_run(card=card, provider=simulator, user=launcher)
-    waiting = services.launch_run(card=card, provider=simulator, user=launcher)
+    launching.launch_run(card=card, provider=simulator, user=launcher)
+    waiting = launching.launch_run(card=card, provider=simulator, user=launcher)
     layer = get_channel_layer()
 
     async def scenario():
@@ -204,14 +205,14 @@ def test_queue_broadcasts_overtaken_by_newer_ones_are_dropped(
             "running": [],
             "slots": [1, 1],
         }
-        await layer.group_send(events.QUEUE_GROUP, stale)
+        await layer.group_send(wire.QUEUE_GROUP, stale)
         newer = dict(stale, version=version + 1, waiting=[[1, 9], [waiting.pk, 0]])
-        await layer.group_send(events.QUEUE_GROUP, newer)
+        await layer.group_send(wire.QUEUE_GROUP, newer)
         update = await ws.receive_json_from(timeout=TIMEOUT)
         assert (update["version"], update["position"]) == (version + 1, 2)
         # A newer broadcast that changes nothing for this page is not sent to it.
         await layer.group_send(
-            events.QUEUE_GROUP, dict(newer, version=version + 2, waiting=[[3, 9], [waiting.pk, 0]])
+            wire.QUEUE_GROUP, dict(newer, version=version + 2, waiting=[[3, 9], [waiting.pk, 0]])
         )
         assert await ws.receive_nothing(timeout=0.2)
         await ws.disconnect()
@@ -223,9 +224,9 @@ def test_dashboard_gets_queue_broadcasts_and_progress_of_visible_runs_only(
     client, launcher, django_user_model, make_card, simulator
 ):
     run_limit(2, simulator)
-    mine = services.launch_run(card=make_card(cases=2), provider=simulator, user=launcher)
+    mine = launching.launch_run(card=make_card(cases=2), provider=simulator, user=launcher)
     stranger = django_user_model.objects.create_user("stranger", password="pw-stranger-1")
-    theirs = services.launch_run(
+    theirs = launching.launch_run(
         card=make_card("secret", cases=2), provider=simulator, user=stranger
     )
     cookie = cookie_for(client, launcher)
@@ -243,7 +244,7 @@ def test_dashboard_gets_queue_broadcasts_and_progress_of_visible_runs_only(
         assert (event["type"], event["run_id"]) == ("run", mine.pk)  # not the stranger's
         assert event["run"]["done_count"] == 1 and "results" not in event
 
-        queued = await sync_to_async(services.launch_run)(
+        queued = await sync_to_async(launching.launch_run)(
             card=await sync_to_async(lambda: mine.card)(),
             provider=simulator,
             user=stranger,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from testruns.engine import gate, services
+from testruns.engine import gate, launching, limits
 from testruns.models import Provider, TestCase, TestRun
 from tests.conftest import OUTPUT_DIR, wait_for
 
@@ -119,8 +119,8 @@ def test_queue_positions_fall_live_progress_reaches_100_and_runs_can_be_cancelle
     context, expect, launcher, make_card, worker_factory
 ):
     provider = simulated("E2E simulator", latency_ms=100)
-    services.ensure_semaphores(provider)
-    gate.set_limit(gate.RUNS, 2)
+    limits.ensure_semaphores(provider)
+    limits.set_limit(gate.RUNS, 2)
     card = make_card(cases=4)
     page = context.new_page()
     page.on("dialog", lambda dialog: dialog.accept())
@@ -203,7 +203,7 @@ def test_page_catches_up_after_its_websocket_drops_mid_run_with_nothing_lost_or_
     provider = simulated("E2E steady simulator", latency_ms=100)
     provider_slots = gate.provider_semaphore(provider.pk)
     card = make_card(cases=30)
-    run = services.launch_run(card=card, provider=provider, user=launcher, max_concurrent_tests=1)
+    run = launching.launch_run(card=card, provider=provider, user=launcher, max_concurrent_tests=1)
     page = context.new_page()
     sockets, blocked = [], {"on": False}
 
@@ -223,7 +223,7 @@ def test_page_catches_up_after_its_websocket_drops_mid_run_with_nothing_lost_or_
     # Let a few cases through, then hold the run mid-way (a provider limit of 0 admits
     # nothing more) and check the page saw every one of them live.
     wait_for(lambda: TestRun.objects.get(pk=run.pk).done_count >= 3, what="three cases")
-    gate.set_limit(provider_slots, 0)
+    limits.set_limit(provider_slots, 0)
     wait_for(lambda: not run.results.filter(status="running").exists(), what="a pause")
     done_at_drop = TestRun.objects.get(pk=run.pk).done_count
     assert 3 <= done_at_drop < 30
@@ -235,7 +235,7 @@ def test_page_catches_up_after_its_websocket_drops_mid_run_with_nothing_lost_or_
     blocked["on"] = True
     sockets[-1].close(code=4000, reason="dropped by the test")
     expect(page.locator("#run-live")).to_have_text("reconnecting…")
-    gate.set_limit(provider_slots, 4)
+    limits.set_limit(provider_slots, 4)
     wait_for(
         lambda: TestRun.objects.get(pk=run.pk).status == "succeeded",
         timeout=60,
@@ -308,7 +308,7 @@ def test_a_ten_thousand_case_run_keeps_the_page_small_and_pages_the_rest(
         TestCase(card=card, name=f"case {i}", variables={"name": f"N{i}"}, order=i)
         for i in range(10_000)
     )
-    run = services.launch_run(card=card, provider=provider, user=launcher)
+    run = launching.launch_run(card=card, provider=provider, user=launcher)
     run.results.update(status="passed", output="fine", latency_ms=5)
     TestRun.objects.filter(pk=run.pk).update(done_count=10_000, passed_count=10_000)
     page = context.new_page()
@@ -338,7 +338,7 @@ def test_without_a_websocket_the_run_page_polls_and_still_follows_the_run(
     context, expect, launcher, make_card, worker_factory
 ):
     provider = simulated("E2E polled simulator", latency_ms=20)
-    run = services.launch_run(card=make_card(cases=5), provider=provider, user=launcher)
+    run = launching.launch_run(card=make_card(cases=5), provider=provider, user=launcher)
     page = context.new_page()
     # Every WebSocket is refused, as behind a proxy that does not pass them through.
     page.route_web_socket(re.compile(r"/ws/"), lambda ws: ws.close(code=4000, reason="no"))

@@ -13,7 +13,7 @@ import pytest
 from django.db.models import Count
 
 from project.embedded import free_port
-from testruns.engine import gate, services
+from testruns.engine import gate, launching, limits
 from testruns.models import Lease, Provider, Semaphore, TestResult, TestRun
 from tests.conftest import ROOT, wait_for
 from tests.fake_llm import FakeReply
@@ -26,26 +26,36 @@ FAST_LEASES = {"LEASE_TTL_SECONDS": "2", "SWEEP_INTERVAL_SECONDS": "0.5"}
 @pytest.fixture
 def llm_provider(fake_llm):
     return Provider.objects.create(
-        name="Fake OpenAI", kind=Provider.Kind.OPENAI, model="fake-1",
-        base_url=fake_llm.base_url, max_concurrency=4, timeout_seconds=30,
-        price_input_per_mtok=1, price_output_per_mtok=2,
+        name="Fake OpenAI",
+        kind=Provider.Kind.OPENAI,
+        model="fake-1",
+        base_url=fake_llm.base_url,
+        max_concurrency=4,
+        timeout_seconds=30,
+        price_input_per_mtok=1,
+        price_output_per_mtok=2,
     )
 
 
 def set_run_limit(limit: int, provider: Provider) -> None:
-    services.ensure_semaphores(provider)
-    gate.set_limit(gate.RUNS, limit)
+    limits.ensure_semaphores(provider)
+    limits.set_limit(gate.RUNS, limit)
 
 
 def all_finished(runs) -> bool:
-    return not TestRun.objects.filter(pk__in=[r.pk for r in runs]).exclude(
-        status__in=TestRun.FINISHED).exists()
+    return (
+        not TestRun.objects.filter(pk__in=[r.pk for r in runs])
+        .exclude(status__in=TestRun.FINISHED)
+        .exists()
+    )
 
 
 def max_overlap(intervals) -> int:
     """Most intervals open at one instant (an end at t closes before a start at t opens)."""
-    points = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
-                    key=lambda p: (p[0], p[1]))
+    points = sorted(
+        [(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
+        key=lambda p: (p[0], p[1]),
+    )
     level = peak = 0
     for _, step in points:
         level += step
@@ -78,8 +88,12 @@ def test_limits_hold_across_worker_processes_and_every_run_finishes(
     card = make_card(cases=3)
     sampler = LeaseSampler()
     sampler.start()
-    runs = [services.launch_run(card=card, provider=llm_provider, max_concurrent_tests=2,
-                                priority=i % 3) for i in range(24)]
+    runs = [
+        launching.launch_run(
+            card=card, provider=llm_provider, max_concurrent_tests=2, priority=i % 3
+        )
+        for i in range(24)
+    ]
     for _ in range(3):
         worker_factory(processes=1, threads=4)
     wait_for(lambda: all_finished(runs), timeout=180, what="every run to finish")
@@ -103,12 +117,15 @@ def test_start_order_follows_priority_then_queue_time(
 ):
     set_run_limit(1, llm_provider)
     card = make_card(cases=1)
-    launched = {name: services.launch_run(card=card, provider=llm_provider, priority=priority)
-                for name, priority in [("a", 0), ("b", 0), ("c", 5), ("d", 0), ("e", 5)]}
+    launched = {
+        name: launching.launch_run(card=card, provider=llm_provider, priority=priority)
+        for name, priority in [("a", 0), ("b", 0), ("c", 5), ("d", 0), ("e", 5)]
+    }
     worker_factory(processes=1, threads=2)
     wait_for(lambda: all_finished(launched.values()), timeout=60, what="runs to finish")
     by_start = TestRun.objects.filter(pk__in=[r.pk for r in launched.values()]).order_by(
-        "started_at")
+        "started_at"
+    )
     names = {run.pk: name for name, run in launched.items()}
     # "a" had the free slot at launch; the rest waited and started by priority, then age.
     assert [names[run.pk] for run in by_start] == ["a", "c", "e", "b", "d"]
@@ -119,8 +136,9 @@ def test_sigkilled_worker_slot_returns_after_ttl_and_each_case_has_one_result(
 ):
     settings.LEASE_TTL_SECONDS = 2
     fake_llm.latency = 1.5
-    run = services.launch_run(card=make_card(cases=4), provider=llm_provider,
-                              max_concurrent_tests=2)
+    run = launching.launch_run(
+        card=make_card(cases=4), provider=llm_provider, max_concurrent_tests=2
+    )
     doomed = worker_factory(processes=1, threads=2, env=FAST_LEASES)
     wait_for(lambda: fake_llm.in_flight >= 2, what="the worker to be mid-call")
     held = set(Lease.objects.filter(result__isnull=False).values_list("holder", flat=True))
@@ -139,22 +157,23 @@ def test_sigkilled_worker_slot_returns_after_ttl_and_each_case_has_one_result(
     assert "expired case lease(s)" in survivor.output()
 
 
-def test_cancelling_a_waiting_and_a_running_run(worker_factory, fake_llm, llm_provider,
-                                                make_card):
+def test_cancelling_a_waiting_and_a_running_run(worker_factory, fake_llm, llm_provider, make_card):
     set_run_limit(1, llm_provider)
     fake_llm.latency = 0.4
     card = make_card(cases=10)
-    running = services.launch_run(card=card, provider=llm_provider, max_concurrent_tests=1)
-    waiting = services.launch_run(card=card, provider=llm_provider)
+    running = launching.launch_run(card=card, provider=llm_provider, max_concurrent_tests=1)
+    waiting = launching.launch_run(card=card, provider=llm_provider)
     worker_factory(processes=1, threads=2)
-    wait_for(lambda: TestResult.objects.filter(run=running, status="passed").exists(),
-             what="the first case to pass")
+    wait_for(
+        lambda: TestResult.objects.filter(run=running, status="passed").exists(),
+        what="the first case to pass",
+    )
 
-    assert services.cancel_run(waiting)
+    assert launching.cancel_run(waiting)
     waiting.refresh_from_db()
     assert (waiting.status, waiting.started_at) == ("cancelled", None)
 
-    assert services.cancel_run(running)
+    assert launching.cancel_run(running)
     # Its slots are free as soon as cancel_run returns, with the call still in flight.
     assert not Lease.objects.filter(run=running).exists()
     assert Semaphore.objects.get(name=gate.RUNS).in_use == 0
@@ -165,7 +184,7 @@ def test_cancelling_a_waiting_and_a_running_run(worker_factory, fake_llm, llm_pr
 
     wait_for(lambda: fake_llm.in_flight == 0, what="the abandoned call to end")
     assert TestResult.objects.filter(run=running, status="passed").count() == kept
-    assert not services.cancel_run(running)  # cancelling twice is a no-op
+    assert not launching.cancel_run(running)  # cancelling twice is a no-op
 
 
 def test_provider_errors_retry_then_succeed_or_are_recorded(
@@ -176,8 +195,11 @@ def test_provider_errors_retry_then_succeed_or_are_recorded(
     def behave(prompt: str):
         calls[prompt] += 1
         if "rate" in prompt:
-            return FakeReply(status=429, headers={"Retry-After": "1"}) if calls[prompt] == 1 \
+            return (
+                FakeReply(status=429, headers={"Retry-After": "1"})
+                if calls[prompt] == 1
                 else "ok after waiting"
+            )
         if "broken" in prompt:
             return FakeReply(status=500, body={"error": {"message": "upstream exploded"}})
         if "hang" in prompt:
@@ -188,8 +210,7 @@ def test_provider_errors_retry_then_succeed_or_are_recorded(
     card = make_card(cases=0, template="{{ name }}")
     for name in ["rate", "broken", "hang"]:
         card.cases.create(name=name, variables={"name": name}, assertions=[])
-    run = services.launch_run(card=card, provider=llm_provider, max_retries=2,
-                              timeout_seconds=1.5)
+    run = launching.launch_run(card=card, provider=llm_provider, max_retries=2, timeout_seconds=1.5)
     worker_factory(processes=1, threads=3)
     wait_for(lambda: all_finished([run]), timeout=90, what="the run to finish")
 
@@ -211,12 +232,19 @@ def test_run_launched_while_broker_is_down_runs_once_it_is_back(
 ):
     card = make_card(cases=2)
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
-    launch = (f"from testruns.models import *; from testruns.engine.services import launch_run; "
-              f"print(launch_run(card=PromptCard.objects.get(pk={card.pk}), "
-              f"provider=Provider.objects.get(pk={llm_provider.pk})).pk)")
-    result = subprocess.run([sys.executable, "manage.py", "shell", "-c", launch],
-                            env=process_env | {"REDIS_URL": dead_redis}, cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    launch = (
+        f"from testruns.models import *; from testruns.engine.launching import launch_run; "
+        f"print(launch_run(card=PromptCard.objects.get(pk={card.pk}), "
+        f"provider=Provider.objects.get(pk={llm_provider.pk})).pk)"
+    )
+    result = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", launch],
+        env=process_env | {"REDIS_URL": dead_redis},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "broker unreachable" in result.stderr
     run = TestRun.objects.get(pk=int(result.stdout.split()[-1]))
@@ -232,8 +260,7 @@ def test_sigterm_hands_back_held_cases_and_releases_leases(
     worker_factory, fake_llm, llm_provider, make_card
 ):
     fake_llm.latency = 60
-    run = services.launch_run(card=make_card(cases=2), provider=llm_provider,
-                              timeout_seconds=120)
+    run = launching.launch_run(card=make_card(cases=2), provider=llm_provider, timeout_seconds=120)
     worker = worker_factory(processes=1, threads=2)
     wait_for(lambda: fake_llm.in_flight == 2, what="both cases to be mid-call")
     worker.process.send_signal(signal.SIGTERM)  # to the Dramatiq master, as a supervisor does
@@ -254,13 +281,13 @@ def test_a_cancelled_case_stops_holding_its_worker_thread(
     fake_llm.reply_with(lambda prompt: FakeReply(hang=True) if prompt == "hang" else "N0 ok")
     card = make_card(slug="stuck", cases=0, template="{{ name }}")
     card.cases.create(name="hang", variables={"name": "hang"})
-    hanging = services.launch_run(card=card, provider=llm_provider, timeout_seconds=120)
+    hanging = launching.launch_run(card=card, provider=llm_provider, timeout_seconds=120)
     worker_factory(processes=1, threads=1, env={"SWEEP_INTERVAL_SECONDS": "0.5"})
     wait_for(lambda: fake_llm.in_flight == 1, what="the only worker thread to be mid-call")
 
-    assert services.cancel_run(hanging)
+    assert launching.cancel_run(hanging)
     # Had its one thread kept waiting on the hanging call, this run could not start.
-    quick = services.launch_run(card=make_card(slug="quick", cases=1), provider=llm_provider)
+    quick = launching.launch_run(card=make_card(slug="quick", cases=1), provider=llm_provider)
     wait_for(lambda: all_finished([quick]), timeout=30, what="the freed thread to run it")
     quick.refresh_from_db()
     assert quick.status == "succeeded"
@@ -272,14 +299,15 @@ def test_a_busy_host_leaves_cases_to_other_workers(
 ):
     from testruns.models import WorkerHeartbeat
 
-    busy = worker_factory(processes=1, threads=2,
-                          env={"WORKER_MIN_FREE_MEMORY_MB": str(10**12)})
-    wait_for(lambda: WorkerHeartbeat.objects.filter(accepting=False).exists(),
-             what="the busy worker to say so")
+    busy = worker_factory(processes=1, threads=2, env={"WORKER_MIN_FREE_MEMORY_MB": str(10**12)})
+    wait_for(
+        lambda: WorkerHeartbeat.objects.filter(accepting=False).exists(),
+        what="the busy worker to say so",
+    )
     note = WorkerHeartbeat.objects.get(accepting=False).note
     assert note.startswith("free memory") and "MB <" in note
 
-    run = services.launch_run(card=make_card(cases=3), provider=llm_provider)
+    run = launching.launch_run(card=make_card(cases=3), provider=llm_provider)
     wait_for(lambda: "goes back to the broker" in busy.output(), what="the busy host to pass")
     worker_factory(processes=1, threads=2)
     wait_for(lambda: all_finished([run]), timeout=60, what="the other worker to run it")

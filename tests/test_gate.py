@@ -19,7 +19,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from testruns.engine import execution, gate, services
+from testruns.engine import admission, gate, launching, limits, recording
 from testruns.models import Lease, PromptCard, Provider, Semaphore, TestCase, TestResult, TestRun
 
 pytestmark = pytest.mark.django_db
@@ -45,8 +45,8 @@ class GateMachine(RuleBasedStateMachine):
         for i in range(3):
             TestCase.objects.create(card=self.card, name=f"case {i}", variables={"n": i})
         self.provider = Provider.objects.create(name="p", kind="simulator", max_concurrency=2)
-        services.ensure_semaphores(self.provider)
-        gate.set_limit(gate.RUNS, 2)
+        limits.ensure_semaphores(self.provider)
+        limits.set_limit(gate.RUNS, 2)
         self.before()
 
     def provider_slots(self) -> Semaphore:
@@ -67,10 +67,14 @@ class GateMachine(RuleBasedStateMachine):
     def launch(self, priority, cases):
         self.before()
         waiting = list(TestRun.objects.filter(status="queued"))
-        run = services.launch_run(card=self.card, provider=self.provider, priority=priority,
-                                  cases=list(self.card.cases.all()[:cases]),
-                                  max_concurrent_tests=1 + cases % 2)
-        promoted = set(gate.admit_runs())  # what launch's on_commit does
+        run = launching.launch_run(
+            card=self.card,
+            provider=self.provider,
+            priority=priority,
+            cases=list(self.card.cases.all()[:cases]),
+            max_concurrent_tests=1 + cases % 2,
+        )
+        promoted = set(admission.admit_runs())  # what launch's on_commit does
         expected = queue_order(waiting + [TestRun.objects.get(pk=run.pk)])
         free = max(0, run_slots().limit - self.in_use_before)
         assert promoted == {r.pk for r in expected[:free]}
@@ -79,7 +83,7 @@ class GateMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def admit_and_claim_cases(self, data):
         self.before()
-        gate.admit_cases(self.provider.pk)
+        admission.admit_cases(self.provider.pk)
         leases = list(Lease.objects.filter(result__isnull=False, holder=""))
         if leases:
             lease = data.draw(st.sampled_from(leases))
@@ -92,9 +96,9 @@ class GateMachine(RuleBasedStateMachine):
         self.before()
         lease = data.draw(st.sampled_from(list(Lease.objects.filter(holder="worker-1"))))
         result = TestResult.objects.select_related("run").get(pk=lease.result_id)
-        outcome = execution.CaseOutcome("passed" if passed else "failed", {"output": "x"})
-        if execution.record_case(result.run, result, lease.pk, outcome):
-            execution.finish_run(result.run_id)
+        outcome = recording.CaseOutcome("passed" if passed else "failed", {"output": "x"})
+        if recording.record_case(result.run, result, lease.pk, outcome):
+            recording.finish_run(result.run_id)
 
     @precondition(lambda self: Lease.objects.filter(result__isnull=False).exists())
     @rule(data=st.data())
@@ -103,16 +107,15 @@ class GateMachine(RuleBasedStateMachine):
         self.before()
         lease = data.draw(st.sampled_from(list(Lease.objects.filter(result__isnull=False))))
         Lease.objects.filter(pk=lease.pk).update(expires_at=F("acquired_at"))
-        assert gate.reclaim_expired_cases() >= 1
+        assert admission.reclaim_expired_cases() >= 1
         assert TestResult.objects.get(pk=lease.result_id).status in {"pending", "running"}
 
     @precondition(lambda self: TestRun.objects.exclude(status__in=TestRun.FINISHED).exists())
     @rule(data=st.data())
     def cancel(self, data):
         self.before()
-        run = data.draw(st.sampled_from(list(
-            TestRun.objects.exclude(status__in=TestRun.FINISHED))))
-        assert services.cancel_run(run)
+        run = data.draw(st.sampled_from(list(TestRun.objects.exclude(status__in=TestRun.FINISHED))))
+        assert launching.cancel_run(run)
         run.refresh_from_db()
         assert run.status == "cancelled"
         assert not Lease.objects.filter(run=run).exists()
@@ -120,12 +123,12 @@ class GateMachine(RuleBasedStateMachine):
     @rule(limit=st.integers(0, 4))
     def change_run_limit(self, limit):
         self.before()
-        gate.set_limit(gate.RUNS, limit)
+        limits.set_limit(gate.RUNS, limit)
 
     @rule(limit=st.integers(1, 3))
     def change_provider_limit(self, limit):
         self.before()
-        gate.set_limit(gate.provider_semaphore(self.provider.pk), limit)
+        limits.set_limit(gate.provider_semaphore(self.provider.pk), limit)
 
     # --- invariants -----------------------------------------------------------------------
 
@@ -145,8 +148,9 @@ class GateMachine(RuleBasedStateMachine):
         for semaphore in Semaphore.objects.annotate(n=Count("leases")):
             assert semaphore.in_use == semaphore.n, semaphore.name
         running = set(TestRun.objects.filter(status="running").values_list("pk", flat=True))
-        slot_holders = list(Lease.objects.filter(semaphore__name=gate.RUNS)
-                            .values_list("run_id", flat=True))
+        slot_holders = list(
+            Lease.objects.filter(semaphore__name=gate.RUNS).values_list("run_id", flat=True)
+        )
         assert sorted(slot_holders) == sorted(running)
         in_flight = set(TestResult.objects.filter(status="running").values_list("pk", flat=True))
         leased = set(Lease.objects.filter(result__isnull=False).values_list("result_id", flat=True))
@@ -164,19 +168,25 @@ class GateMachine(RuleBasedStateMachine):
 
 
 def test_semaphore_matches_its_model_under_random_operations(db):
-    run_state_machine_as_test(GateMachine, settings=settings(
-        max_examples=40, stateful_step_count=30, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]))
+    run_state_machine_as_test(
+        GateMachine,
+        settings=settings(
+            max_examples=40,
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        ),
+    )
 
 
 def test_release_promotes_the_next_waiter_in_the_same_transaction(make_card, simulator):
     gate.ensure_semaphore(gate.RUNS, 1)
     card = make_card()
-    first = services.launch_run(card=card, provider=simulator)
-    second = services.launch_run(card=card, provider=simulator)
-    assert gate.admit_runs() == [first.pk]
+    first = launching.launch_run(card=card, provider=simulator)
+    second = launching.launch_run(card=card, provider=simulator)
+    assert admission.admit_runs() == [first.pk]
     TestRun.objects.filter(pk=first.pk).update(done_count=F("total_cases"))
-    assert execution.finish_run(first.pk)
+    assert recording.finish_run(first.pk)
     second.refresh_from_db()
     assert second.status == "running" and second.started_at is not None
     assert run_slots().in_use == 1
@@ -188,16 +198,17 @@ def test_per_user_limit_lets_another_users_run_pass(make_card, simulator, django
     heavy = django_user_model.objects.create_user("heavy")
     light = django_user_model.objects.create_user("light")
     card = make_card()
-    a = services.launch_run(card=card, provider=simulator, user=heavy)
-    b = services.launch_run(card=card, provider=simulator, user=heavy, priority=5)
-    c = services.launch_run(card=card, provider=simulator, user=light)
-    assert sorted(gate.admit_runs()) == sorted([b.pk, c.pk])
+    a = launching.launch_run(card=card, provider=simulator, user=heavy)
+    b = launching.launch_run(card=card, provider=simulator, user=heavy, priority=5)
+    c = launching.launch_run(card=card, provider=simulator, user=light)
+    assert sorted(admission.admit_runs()) == sorted([b.pk, c.pk])
     assert TestRun.objects.get(pk=a.pk).status == "queued"
 
 
 def test_a_raised_limit_promotes_waiters_at_once(make_card, simulator):
     gate.ensure_semaphore(gate.RUNS, 0)
-    runs = [services.launch_run(card=make_card(slug=f"c{i}"), provider=simulator)
-            for i in range(3)]
-    assert gate.admit_runs() == []
-    assert sorted(gate.set_limit(gate.RUNS, 2)) == [runs[0].pk, runs[1].pk]
+    runs = [
+        launching.launch_run(card=make_card(slug=f"c{i}"), provider=simulator) for i in range(3)
+    ]
+    assert admission.admit_runs() == []
+    assert sorted(limits.set_limit(gate.RUNS, 2)) == [runs[0].pk, runs[1].pk]

@@ -17,15 +17,20 @@ from django.db import connection
 from django.db.models.deletion import ProtectedError
 from django.test import RequestFactory
 
-from testruns.engine import gate, services, sweeper
+from testruns.engine import admission, gate, launching, limits, sweeper
 from testruns.models import Lease, Provider, Semaphore, TestRun, WorkerHeartbeat
 from tests.conftest import ROOT, ChildProcess, wait_for
 
 
 @pytest.fixture
 def slow_provider(db):
-    return Provider.objects.create(name="Slow sim", kind=Provider.Kind.SIMULATOR, model="sim",
-                                   max_concurrency=2, parameters={"latency_ms": 50})
+    return Provider.objects.create(
+        name="Slow sim",
+        kind=Provider.Kind.SIMULATOR,
+        model="sim",
+        max_concurrency=2,
+        parameters={"latency_ms": 50},
+    )
 
 
 def semaphore(name: str) -> Semaphore:
@@ -37,8 +42,8 @@ def lease_count(name: str) -> int:
 
 
 def started_run(card, provider, **config) -> TestRun:
-    run = services.launch_run(card=card, provider=provider, **config)
-    gate.admit_runs()  # what launch's on_commit does
+    run = launching.launch_run(card=card, provider=provider, **config)
+    admission.admit_runs()  # what launch's on_commit does
     run.refresh_from_db()
     assert run.status == TestRun.Status.RUNNING
     return run
@@ -49,12 +54,14 @@ def test_drifted_in_use_is_corrected_logged_and_counted_in_metrics(
 ):
     run = started_run(make_card(), slow_provider)
     provider_name = gate.provider_semaphore(slow_provider.pk)
-    gate.admit_cases(slow_provider.pk)
+    admission.admit_cases(slow_provider.pk)
     assert lease_count(provider_name) == 2
     with connection.cursor() as cursor:  # a lease lost and a counter bumped behind the gate
         cursor.execute("UPDATE testruns_semaphore SET in_use = 7 WHERE name = %s", [gate.RUNS])
-        cursor.execute("DELETE FROM testruns_lease WHERE id = %s",
-                       [Lease.objects.filter(semaphore__name=provider_name).first().pk])
+        cursor.execute(
+            "DELETE FROM testruns_lease WHERE id = %s",
+            [Lease.objects.filter(semaphore__name=provider_name).first().pk],
+        )
 
     with caplog.at_level(logging.WARNING, logger="testruns.engine.gate"):
         report = sweeper.sweep()
@@ -72,12 +79,12 @@ def test_drifted_in_use_is_corrected_logged_and_counted_in_metrics(
 
 
 def test_an_admin_limit_edit_writes_only_the_limit(make_card, slow_provider, admin_user):
-    services.ensure_semaphores(slow_provider)
-    gate.set_limit(gate.RUNS, 1)
+    limits.ensure_semaphores(slow_provider)
+    limits.set_limit(gate.RUNS, 1)
     started_run(make_card("one"), slow_provider)
     stale = semaphore(gate.RUNS)  # what the admin's form was built from
-    services.launch_run(card=make_card("two"), provider=slow_provider)
-    gate.set_limit(gate.RUNS, 2)  # a worker admits the second run meanwhile
+    launching.launch_run(card=make_card("two"), provider=slow_provider)
+    limits.set_limit(gate.RUNS, 2)  # a worker admits the second run meanwhile
     assert semaphore(gate.RUNS).in_use == 2
 
     stale.limit = 5
@@ -90,13 +97,16 @@ def test_an_admin_limit_edit_writes_only_the_limit(make_card, slow_provider, adm
 
 
 def test_an_admin_limit_edit_in_the_list_promotes_waiters(make_card, slow_provider, admin_client):
-    services.ensure_semaphores(slow_provider)
-    gate.set_limit(gate.RUNS, 0)
-    run = services.launch_run(card=make_card(), provider=slow_provider)
+    limits.ensure_semaphores(slow_provider)
+    limits.set_limit(gate.RUNS, 0)
+    run = launching.launch_run(card=make_card(), provider=slow_provider)
     runs = semaphore(gate.RUNS)
     others = list(Semaphore.objects.exclude(pk=runs.pk))
-    form = {"form-TOTAL_FORMS": str(1 + len(others)), "form-INITIAL_FORMS": str(1 + len(others)),
-            "_save": "Save"}
+    form = {
+        "form-TOTAL_FORMS": str(1 + len(others)),
+        "form-INITIAL_FORMS": str(1 + len(others)),
+        "_save": "Save",
+    }
     for i, row in enumerate([runs, *others]):
         form[f"form-{i}-id"] = str(row.pk)
         form[f"form-{i}-limit"] = "1" if row.pk == runs.pk else str(row.limit)
@@ -111,7 +121,7 @@ def test_a_running_run_and_a_busy_semaphore_cannot_be_deleted(
     make_card, slow_provider, admin_client
 ):
     run = started_run(make_card(), slow_provider)
-    gate.admit_cases(slow_provider.pk)
+    admission.admit_cases(slow_provider.pk)
 
     page = admin_client.get(f"/admin/testruns/testrun/{run.pk}/delete/")
     assert page.status_code == 403
@@ -133,7 +143,7 @@ def test_a_deleted_idle_semaphore_comes_back_with_its_configured_limit(
     assert response.status_code == 302
     assert not Semaphore.objects.filter(pk=idle.pk).exists()
 
-    assert len(gate.admit_cases(slow_provider.pk)) == 1
+    assert len(admission.admit_cases(slow_provider.pk)) == 1
     back = semaphore(gate.provider_semaphore(slow_provider.pk))
     assert (back.limit, back.in_use) == (slow_provider.max_concurrency, 1)
 
@@ -144,10 +154,15 @@ def test_a_deleted_idle_semaphore_comes_back_with_its_configured_limit(
 def worker_in_its_own_pid_namespace(env: dict[str, str], hostname: str) -> ChildProcess:
     """A Dramatiq worker as a restarted container runs it: same host name, and (in a fresh
     pid namespace, where numbering starts again at 1) the same pids as the previous one."""
-    command = (f"hostname {hostname} && exec {sys.executable} manage.py rundramatiq "
-               "--processes 1 --threads 2 --worker-shutdown-timeout 1000")
-    return ChildProcess("pidns-worker", ["unshare", "--pid", "--fork", "--uts", "--mount-proc",
-                                         "sh", "-c", command], env)
+    command = (
+        f"hostname {hostname} && exec {sys.executable} manage.py rundramatiq "
+        "--processes 1 --threads 2 --worker-shutdown-timeout 1000"
+    )
+    return ChildProcess(
+        "pidns-worker",
+        ["unshare", "--pid", "--fork", "--uts", "--mount-proc", "sh", "-c", command],
+        env,
+    )
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
@@ -157,12 +172,18 @@ def test_a_worker_with_the_host_and_pid_of_a_dead_one_does_not_keep_its_leases(
 ):
     if subprocess.run(["unshare", "--pid", "--fork", "--uts", "true"], cwd=ROOT).returncode:
         pytest.fail("this test needs to create pid and UTS namespaces (run as root)")
-    provider = Provider.objects.create(name="Fake", kind=Provider.Kind.OPENAI, model="fake-1",
-                                       base_url=fake_llm.base_url, max_concurrency=4)
+    provider = Provider.objects.create(
+        name="Fake",
+        kind=Provider.Kind.OPENAI,
+        model="fake-1",
+        base_url=fake_llm.base_url,
+        max_concurrency=4,
+    )
     env = process_env | {"LEASE_TTL_SECONDS": "120", "SWEEP_INTERVAL_SECONDS": "0.5"}
     fake_llm.latency = 300  # the first worker never finishes its cases
-    run = services.launch_run(card=make_card(cases=2), provider=provider, timeout_seconds=600,
-                              max_retries=0)
+    run = launching.launch_run(
+        card=make_card(cases=2), provider=provider, timeout_seconds=600, max_retries=0
+    )
 
     first = worker_in_its_own_pid_namespace(env, "restarted-host")
     try:
@@ -175,16 +196,39 @@ def test_a_worker_with_the_host_and_pid_of_a_dead_one_does_not_keep_its_leases(
     fake_llm.latency = 0
     second = worker_in_its_own_pid_namespace(env, "restarted-host")
     try:
-        wait_for(lambda: TestRun.objects.get(pk=run.pk).status in TestRun.FINISHED, timeout=60,
-                 what="the run to finish long before the 120 s lease TTL")
+        wait_for(
+            lambda: TestRun.objects.get(pk=run.pk).status in TestRun.FINISHED,
+            timeout=60,
+            what="the run to finish long before the 120 s lease TTL",
+        )
         (alive,) = WorkerHeartbeat.objects.filter(hostname="restarted-host").exclude(
-            holder=dead.holder)
+            holder=dead.holder
+        )
         assert (alive.hostname, alive.pid) == (dead.hostname, dead.pid), "pids differ"
         assert alive.holder != dead.holder
         assert "handed back 2 case(s) of an earlier process with this host and pid" in (
-            second.output())
+            second.output()
+        )
     finally:
         second.stop()
     run.refresh_from_db()
     assert run.status == TestRun.Status.SUCCEEDED
     assert not Lease.objects.exists()
+
+
+def test_the_heartbeat_renews_only_leases_of_cases_in_flight_so_a_forgotten_one_returns(
+    make_card, slow_provider
+):
+    run = started_run(make_card(cases=1), slow_provider)
+    (admitted,) = admission.admit_cases(slow_provider.pk)
+    lease_id = gate.claim_case(admitted.result_id, "host:1:boot")
+    assert lease_id is not None
+
+    assert gate.heartbeat("host:1:boot", []) == 0  # forgotten: not in flight here
+    assert gate.heartbeat("host:1:boot", [lease_id]) == 1
+    with connection.cursor() as cursor:  # its TTL runs out, as it does when nothing renews it
+        cursor.execute("UPDATE testruns_lease SET expires_at = now() WHERE id = %s", [lease_id])
+    assert admission.reclaim_expired_cases() == 1
+    (again,) = Lease.objects.filter(result_id=admitted.result_id)
+    assert again.pk != lease_id and again.holder == ""  # admitted again, for any worker
+    assert run.pk

@@ -15,7 +15,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from project.embedded import free_port
-from testruns.engine import gate, services
+from testruns.engine import admission, gate, launching, limits
 from testruns.models import TestRun, WorkerHeartbeat
 from testruns.ops import host_load
 from testruns.ops.log_context import JSONFormatter, PlainFormatter, RunContextFilter, log_context
@@ -59,7 +59,7 @@ def history(make_card, simulator):
     """Three finished runs (waits 2, 10 and 30 s; one succeeded, one error, one failed),
     one running and two waiting."""
     card = make_card(cases=3)
-    runs = [services.launch_run(card=card, provider=simulator) for _ in range(6)]
+    runs = [launching.launch_run(card=card, provider=simulator) for _ in range(6)]
     finish(
         runs[0],
         status="succeeded",
@@ -93,9 +93,9 @@ def history(make_card, simulator):
             {"status": "passed"},
         ],
     )
-    services.ensure_semaphores(simulator)
-    gate.set_limit(gate.RUNS, 1)
-    gate.admit_runs()
+    limits.ensure_semaphores(simulator)
+    limits.set_limit(gate.RUNS, 1)
+    admission.admit_runs()
     return runs
 
 
@@ -307,7 +307,7 @@ def test_healthz_follows_a_real_worker_and_its_json_logs_carry_run_and_case_ids(
     )
     assert queue_stats.live_worker_count() == 1
 
-    run = services.launch_run(card=make_card(cases=2), provider=simulator)
+    run = launching.launch_run(card=make_card(cases=2), provider=simulator)
     wait_for(
         lambda: TestRun.objects.get(pk=run.pk).is_finished, timeout=60, what="the run to finish"
     )

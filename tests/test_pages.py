@@ -12,9 +12,10 @@ from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
 
-from testruns.engine import services
+from testruns.catalog import cards
+from testruns.engine import launching, limits
+from testruns.live import snapshots
 from testruns.models import PromptCard, Provider, TestCase, TestResult, TestRun
-from testruns.reporting import selectors
 
 pytestmark = pytest.mark.django_db
 
@@ -78,7 +79,7 @@ def login_as_viewer(client, django_user_model, name="viewer"):
 
 
 def test_every_page_requires_login(client, launcher, make_card, simulator):
-    run = services.launch_run(card=make_card(), provider=simulator, user=launcher)
+    run = launching.launch_run(card=make_card(), provider=simulator, user=launcher)
     for url in [
         reverse("dashboard"),
         reverse("dashboard-json"),
@@ -104,7 +105,7 @@ def test_login_page_logs_in(client, user):
 def test_status_json_is_private_to_those_who_may_see_the_run(
     client, launcher, django_user_model, make_card, simulator
 ):
-    run = services.launch_run(card=make_card(), provider=simulator, user=launcher)
+    run = launching.launch_run(card=make_card(), provider=simulator, user=launcher)
     client.force_login(launcher)
     snapshot = client.get(reverse("run-status", args=[run.pk])).json()
     assert snapshot["run"]["status"] == "queued" and snapshot["run"]["queue_position"] == 1
@@ -208,7 +209,7 @@ def test_launch_by_tag_runs_only_tagged_cases_of_an_older_version(
     old = card.versions.get()
     card.template = "Greet {{ name }} warmly."
     card.save()
-    services.snapshot_version(card)
+    cards.snapshot_version(card)
     client.force_login(launcher)
     client.post(
         reverse("launch"),
@@ -269,13 +270,15 @@ def test_launch_of_a_card_without_cases_explains_why(client, launcher, make_card
 def test_dashboard_lists_slots_running_waiting_and_recent_without_others_details(
     client, launcher, django_user_model, make_card, simulator
 ):
-    services.ensure_semaphores(simulator)
+    limits.ensure_semaphores(simulator)
     card = make_card()
-    mine = services.launch_run(card=card, provider=simulator, user=launcher, priority=1)
+    mine = launching.launch_run(card=card, provider=simulator, user=launcher, priority=1)
     stranger = django_user_model.objects.create_user("stranger", password="pw-stranger-1")
     secret = make_card("secret-card", name="Secret card")
-    theirs = services.launch_run(card=secret, provider=simulator, user=stranger, priority=5)
-    done = finish(services.launch_run(card=card, provider=simulator, user=launcher), ["passed"] * 3)
+    theirs = launching.launch_run(card=secret, provider=simulator, user=stranger, priority=5)
+    done = finish(
+        launching.launch_run(card=card, provider=simulator, user=launcher), ["passed"] * 3
+    )
     client.force_login(launcher)
     state = client.get(reverse("dashboard-json")).json()
     assert [(e["id"], e["position"], e["priority"]) for e in state["waiting"]] == [
@@ -295,20 +298,20 @@ def test_dashboard_lists_slots_running_waiting_and_recent_without_others_details
 def test_run_snapshot_holds_the_latest_rows_and_the_rest_is_paged(
     client, launcher, make_card, simulator
 ):
-    card = make_card(cases=selectors.LIVE_ROWS + 30)
+    card = make_card(cases=snapshots.LIVE_ROWS + 30)
     run = finish(
-        services.launch_run(card=card, provider=simulator, user=launcher),
-        ["passed"] * (selectors.LIVE_ROWS + 30),
+        launching.launch_run(card=card, provider=simulator, user=launcher),
+        ["passed"] * (snapshots.LIVE_ROWS + 30),
     )
     client.force_login(launcher)
     snapshot = client.get(reverse("run-status", args=[run.pk])).json()
     positions = [r["position"] for r in snapshot["results"]]
-    assert positions == list(range(30, selectors.LIVE_ROWS + 30))
+    assert positions == list(range(30, snapshots.LIVE_ROWS + 30))
     first = snapshot["results"][0]
     assert first["assertion_results"][0]["reason"] == "found it"
     assert (first["tokens_in"], first["tokens_out"], first["cost"]) == (10, 5, 0.001)
     page = client.get(reverse("run-results", args=[run.pk]), {"page": 3}).json()
-    assert (page["total"], page["pages"]) == (selectors.LIVE_ROWS + 30, 3)
+    assert (page["total"], page["pages"]) == (snapshots.LIVE_ROWS + 30, 3)
     assert [r["position"] for r in page["results"]] == list(range(100, 130))
     failed = client.get(reverse("run-results", args=[run.pk]), {"status": "failed"}).json()
     assert failed["total"] == 0
@@ -317,7 +320,7 @@ def test_run_snapshot_holds_the_latest_rows_and_the_rest_is_paged(
 def test_cancel_needs_the_permission_and_keeps_finished_results(
     client, launcher, django_user_model, make_card, simulator
 ):
-    run = services.launch_run(card=make_card(), provider=simulator, user=launcher)
+    run = launching.launch_run(card=make_card(), provider=simulator, user=launcher)
     viewer = login_as_viewer(client, django_user_model)
     page = client.get(run.get_absolute_url()).content.decode()
     assert "Cancel run" not in page
@@ -343,16 +346,16 @@ def test_history_filters_by_card_provider_status_launcher_and_date(
     greeting, other_card = make_card(), make_card("other")
     other_provider = Provider.objects.create(name="Other sim", kind="simulator", parameters={})
     a = finish(
-        services.launch_run(card=greeting, provider=simulator, user=launcher), ["passed"] * 3
+        launching.launch_run(card=greeting, provider=simulator, user=launcher), ["passed"] * 3
     )
     b = finish(
-        services.launch_run(card=greeting, provider=other_provider, user=launcher),
+        launching.launch_run(card=greeting, provider=other_provider, user=launcher),
         ["passed", "failed", "passed"],
         ago=timedelta(days=3),
     )
-    c = services.launch_run(card=other_card, provider=simulator, user=launcher)
+    c = launching.launch_run(card=other_card, provider=simulator, user=launcher)
     viewer = login_as_viewer(client, django_user_model)
-    d = finish(services.launch_run(card=greeting, provider=simulator, user=viewer), ["passed"] * 3)
+    d = finish(launching.launch_run(card=greeting, provider=simulator, user=viewer), ["passed"] * 3)
 
     def shown(**params) -> list[int]:
         response = client.get(reverse("history"), params)
@@ -381,7 +384,7 @@ def test_history_paginates_by_25_and_draws_pass_rate_and_p95_per_card(
     for i in range(30):
         statuses = ["passed", "passed"] if i % 2 else ["passed", "failed"]
         finish(
-            services.launch_run(card=card, provider=simulator, user=launcher),
+            launching.launch_run(card=card, provider=simulator, user=launcher),
             statuses,
             latency=100 + i,
             ago=timedelta(minutes=30 - i),
@@ -410,12 +413,12 @@ def test_report_shows_statistics_and_regressions_against_the_previous_run(
 ):
     card = make_card(cases=4)
     before = finish(
-        services.launch_run(card=card, provider=simulator, user=launcher),
+        launching.launch_run(card=card, provider=simulator, user=launcher),
         ["passed", "failed", "passed", "passed"],
         ago=timedelta(minutes=5),
     )
     after = finish(
-        services.launch_run(card=card, provider=simulator, user=launcher),
+        launching.launch_run(card=card, provider=simulator, user=launcher),
         ["passed", "passed", "failed", "error"],
     )
     client.force_login(launcher)
@@ -439,17 +442,17 @@ def test_a_pinned_baseline_wins_over_the_previous_run(
 ):
     card = make_card(cases=2)
     pinned = finish(
-        services.launch_run(card=card, provider=simulator, user=launcher),
+        launching.launch_run(card=card, provider=simulator, user=launcher),
         ["passed", "passed"],
         ago=timedelta(minutes=9),
     )
     finish(
-        services.launch_run(card=card, provider=simulator, user=launcher),
+        launching.launch_run(card=card, provider=simulator, user=launcher),
         ["failed", "failed"],
         ago=timedelta(minutes=5),
     )
     latest = finish(
-        services.launch_run(card=card, provider=simulator, user=launcher), ["passed", "failed"]
+        launching.launch_run(card=card, provider=simulator, user=launcher), ["passed", "failed"]
     )
     editor = login_as_viewer(client, django_user_model, "editor")
     editor.user_permissions.add(Permission.objects.get(codename="change_promptcard"))
@@ -463,7 +466,7 @@ def test_a_pinned_baseline_wins_over_the_previous_run(
 def test_report_pages_its_case_table_and_filters_by_status(client, launcher, make_card, simulator):
     card = make_card(cases=60)
     run = finish(
-        services.launch_run(card=card, provider=simulator, user=launcher),
+        launching.launch_run(card=card, provider=simulator, user=launcher),
         ["passed"] * 55 + ["failed"] * 5,
     )
     client.force_login(launcher)
@@ -477,11 +480,11 @@ def test_side_by_side_shows_runs_as_columns_and_can_show_differences_only(
 ):
     card = make_card(cases=3)
     one = finish(
-        services.launch_run(card=card, provider=simulator, user=launcher),
+        launching.launch_run(card=card, provider=simulator, user=launcher),
         ["passed", "passed", "failed"],
     )
     two = finish(
-        services.launch_run(card=card, provider=simulator, user=launcher),
+        launching.launch_run(card=card, provider=simulator, user=launcher),
         ["passed", "failed", "failed"],
     )
     client.force_login(launcher)
@@ -499,7 +502,7 @@ def test_side_by_side_shows_runs_as_columns_and_can_show_differences_only(
 def test_model_output_is_escaped_on_server_rendered_pages(client, launcher, make_card, simulator):
     card = make_card(cases=1)
     run = finish(
-        services.launch_run(card=card, provider=simulator, user=launcher), ["failed"], output=XSS
+        launching.launch_run(card=card, provider=simulator, user=launcher), ["failed"], output=XSS
     )
     TestResult.objects.filter(run=run).update(case_name=F("output"))
     client.force_login(launcher)

@@ -18,7 +18,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from testruns.catalog import provider_rules
-from testruns.engine import execution, gate, services
+from testruns.engine import admission, execution, launching
 from testruns.models import Provider, TestResult
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,13 +286,13 @@ def forced_provider(fake_llm):
 def test_a_run_never_sends_an_app_setting_to_the_vendor(
     forced_provider, fake_llm, make_card, monkeypatch, name
 ):
-    # NEEDS providers._api_key to call provider_rules.check_key_env_name (see the module doc).
+    # NEEDS providers.keys.api_key to call provider_rules.check_key_env_name (see the module doc).
     value = os.environ.get(name) or f"value-of-{name}-that-must-stay-put"
     monkeypatch.setenv(name, value)
     provider = forced_provider(name)
-    run = services.launch_run(card=make_card(cases=1), provider=provider)
-    gate.admit_runs()
-    gate.admit_cases(provider.pk)
+    run = launching.launch_run(card=make_card(cases=1), provider=provider)
+    admission.admit_runs()
+    admission.admit_cases(provider.pk)
     execution.execute_case(TestResult.objects.get(run=run).pk, "test-holder")
 
     for request in fake_llm.requests:

@@ -10,7 +10,7 @@ from xml.etree import ElementTree
 import pytest
 from django.urls import reverse
 
-from testruns.engine import services
+from testruns.engine import launching
 from testruns.models import TestResult
 from tests.test_pages import XSS, finish
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db
 def finished_run(launcher, make_card, simulator):
     card = make_card(cases=3)
     return finish(
-        services.launch_run(card=card, provider=simulator, user=launcher),
+        launching.launch_run(card=card, provider=simulator, user=launcher),
         ["passed", "failed", "error"],
     )
 
@@ -58,7 +58,7 @@ def test_csv_keeps_untrusted_text_and_defuses_spreadsheet_formulas(client, launc
 
 def test_csv_of_a_large_run_streams_every_case(client, launcher, make_card, simulator):
     run = finish(
-        services.launch_run(card=make_card(cases=1200), provider=simulator, user=launcher),
+        launching.launch_run(card=make_card(cases=1200), provider=simulator, user=launcher),
         ["passed"] * 1200,
     )
     client.force_login(launcher)

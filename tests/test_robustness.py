@@ -25,7 +25,15 @@ from dramatiq.middleware.shutdown import Shutdown
 from dramatiq.middleware.threading import raise_thread_exception
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from testruns.engine import execution, gate, inflight, providers, services
+from testruns.engine import (
+    admission,
+    execution,
+    gate,
+    inflight,
+    launching,
+    providers,
+    recording,
+)
 from testruns.models import Lease, Provider, Semaphore, TestResult, TestRun
 from tests.conftest import ROOT, wait_for
 from tests.fake_llm import FakeLLMServer, FakeReply
@@ -54,9 +62,9 @@ def provider(fake_llm):
 def run_here(run: TestRun) -> TestRun:
     """Admit and execute every case in this thread, as one worker thread would (handing
     cases over to itself), until none is left."""
-    gate.admit_runs()
+    admission.admit_runs()
     while True:
-        gate.admit_cases(run.provider_id)
+        admission.admit_cases(run.provider_id)
         admitted = list(
             TestResult.objects.filter(run=run, status="running", leases__holder="").values_list(
                 "pk", flat=True
@@ -90,7 +98,7 @@ def notes(result: TestResult) -> list[str]:
 def test_an_html_page_with_status_200_is_a_clear_error(fake_llm, provider, make_card, content_type):
     fake_llm.script([FakeReply(raw=HTML, content_type=content_type)])
 
-    run = run_here(services.launch_run(card=make_card(cases=1), provider=provider))
+    run = run_here(launching.launch_run(card=make_card(cases=1), provider=provider))
 
     result = only_result(run)
     assert result.status == "error"
@@ -112,7 +120,7 @@ def test_an_answer_that_is_no_completion_is_a_clear_error(fake_llm, provider, ma
         ]
     )
 
-    run = run_here(services.launch_run(card=make_card(cases=3), provider=provider))
+    run = run_here(launching.launch_run(card=make_card(cases=3), provider=provider))
 
     errors = list(run.results.order_by("position").values_list("error", flat=True))
     assert errors[0].startswith("the answer has no choices")
@@ -127,7 +135,7 @@ def test_text_the_database_cannot_store_is_replaced_and_the_result_says_so(
 ):
     fake_llm.reply_with(lambda prompt: "N0: a\x00b" if "N0" in prompt else "N1: c\ud800d")
 
-    run = run_here(services.launch_run(card=make_card(cases=2), provider=provider))
+    run = run_here(launching.launch_run(card=make_card(cases=2), provider=provider))
 
     nul, surrogate = run.results.order_by("position")
     assert (nul.status, nul.output) == ("passed", "N0: a\ufffdb")
@@ -146,7 +154,7 @@ def test_prompt_and_error_text_with_nul_are_stored_with_a_note(fake_llm, provide
     card = make_card(cases=1, template="Say {{ name }}{{ '\\x00' }}")
     fake_llm.script([FakeReply(status=400, text="bad \x00 input")])
 
-    run = run_here(services.launch_run(card=card, provider=provider))
+    run = run_here(launching.launch_run(card=card, provider=provider))
 
     result = only_result(run)
     assert result.status == "error"
@@ -161,7 +169,7 @@ def test_prompt_and_error_text_with_nul_are_stored_with_a_note(fake_llm, provide
 def test_a_prompt_with_a_lone_surrogate_is_not_sent(fake_llm, provider, make_card):
     card = make_card(cases=1, template="Say {{ name }}{{ '\\ud800' }}")
 
-    run = run_here(services.launch_run(card=card, provider=provider))
+    run = run_here(launching.launch_run(card=card, provider=provider))
 
     result = only_result(run)
     assert result.status == "error" and fake_llm.request_count == 0
@@ -179,7 +187,7 @@ def test_untrusted_token_counts_are_estimated_and_noted(fake_llm, provider, make
         ]
     )
 
-    run = run_here(services.launch_run(card=make_card(cases=3), provider=provider))
+    run = run_here(launching.launch_run(card=make_card(cases=3), provider=provider))
 
     negative, fractional, shapeless = run.results.order_by("position")
     for result in (negative, fractional, shapeless):
@@ -203,7 +211,7 @@ def test_untrusted_token_counts_are_estimated_and_noted(fake_llm, provider, make
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_an_answer_of_50_mb_is_refused_without_being_read(fake_llm, provider, make_card, chunked):
     fake_llm.script([FakeReply(size=50 * MB, chunked=chunked)])
-    run = services.launch_run(card=make_card(cases=1), provider=provider)
+    run = launching.launch_run(card=make_card(cases=1), provider=provider)
 
     tracemalloc.start()
     try:
@@ -225,7 +233,7 @@ def test_an_answer_of_50_mb_is_refused_without_being_read(fake_llm, provider, ma
 def test_a_gzip_bomb_is_refused_once_it_grows_past_the_limit(fake_llm, provider, make_card):
     # 50 MB of answer in about 50 KB of gzip, sent although the client asked for identity.
     fake_llm.script([FakeReply(size=50 * MB, gzip=True)])
-    run = services.launch_run(card=make_card(cases=1), provider=provider)
+    run = launching.launch_run(card=make_card(cases=1), provider=provider)
 
     tracemalloc.start()
     try:
@@ -246,7 +254,7 @@ def test_a_trickling_answer_ends_within_its_timeout_and_a_bounded_margin(
     # A byte every 0.2 s: no single read waits a second, so a read timeout never fires, and
     # the whole answer would take a minute.
     fake_llm.script([FakeReply(trickle=0.2)])
-    run = services.launch_run(
+    run = launching.launch_run(
         card=make_card(cases=1), provider=provider, timeout_seconds=1, max_retries=0
     )
     started = time.monotonic()
@@ -263,7 +271,7 @@ def test_an_answer_just_under_the_limit_is_read(fake_llm, provider, make_card, s
     settings.VENDOR_MAX_RESPONSE_BYTES = MB
     fake_llm.script([FakeReply(size=MB - 1, chunked=True)])
 
-    run = run_here(services.launch_run(card=make_card(cases=1), provider=provider))
+    run = run_here(launching.launch_run(card=make_card(cases=1), provider=provider))
 
     result = only_result(run)
     assert result.status == "failed" and len(result.output) > MB - 500  # no "N0" in it
@@ -379,7 +387,7 @@ def test_the_standalone_fake_vendor_can_be_scripted_with_every_bad_answer():
 def test_an_exception_in_the_assertions_is_an_error_result_and_the_next_case_runs(
     fake_llm, provider, make_card, caplog
 ):
-    run = services.launch_run(card=make_card(cases=2), provider=provider, max_concurrent_tests=1)
+    run = launching.launch_run(card=make_card(cases=2), provider=provider, max_concurrent_tests=1)
     # A value the code never expected, as an import or a bug could leave it in the row.
     TestResult.objects.filter(run=run, position=0).update(assertions=7)
 
@@ -404,7 +412,7 @@ def test_a_value_the_database_refuses_ends_the_case_as_a_bare_error(fake_llm, pr
     # The run's cost is at the ceiling of its numeric(14, 6) column, and each input token of
     # this (mistyped) price costs 1: adding the case's cost overflows the column.
     Provider.objects.filter(pk=provider.pk).update(price_input_per_mtok=1_000_000)
-    run = services.launch_run(card=make_card(cases=1), provider=provider)
+    run = launching.launch_run(card=make_card(cases=1), provider=provider)
     TestRun.objects.filter(pk=run.pk).update(cost=Decimal("99999999"))
 
     run = run_here(run)
@@ -437,9 +445,9 @@ def test_a_lost_database_connection_is_retried_on_a_new_one(fake_llm, provider, 
         return "N0 after the restart"
 
     fake_llm.reply_with(restart_the_workers_connection)
-    run = services.launch_run(card=make_card(cases=1), provider=provider)
+    run = launching.launch_run(card=make_card(cases=1), provider=provider)
 
-    with caplog.at_level(logging.WARNING, logger="testruns.engine.execution"):
+    with caplog.at_level(logging.WARNING, logger="testruns.engine.recording"):
         run = run_here(run)
 
     result = only_result(run)
@@ -462,8 +470,8 @@ def short_statement_timeout(monkeypatch):
 def test_a_database_gone_for_longer_than_the_retries_leaves_the_case_to_the_sweeper(
     fake_llm, provider, make_card, monkeypatch, short_statement_timeout
 ):
-    monkeypatch.setattr(execution, "RECORD_RETRY_DELAYS", (0.05, 0.05))
-    monkeypatch.setattr(execution, "BARE_RECORD_RETRY_DELAYS", (0.05,))
+    monkeypatch.setattr(recording, "RECORD_RETRY_DELAYS", (0.05, 0.05))
+    monkeypatch.setattr(recording, "BARE_RECORD_RETRY_DELAYS", (0.05,))
     locked, release = threading.Event(), threading.Event()
     lockers: list[threading.Thread] = []
     semaphore = gate.provider_semaphore(provider.pk)
@@ -488,8 +496,8 @@ def test_a_database_gone_for_longer_than_the_retries_leaves_the_case_to_the_swee
         return "N0 fine"
 
     fake_llm.reply_with(answer_while_locked)
-    run = services.launch_run(card=make_card(cases=1), provider=provider)
-    gate.admit_cases(provider.pk)
+    run = launching.launch_run(card=make_card(cases=1), provider=provider)
+    admission.admit_cases(provider.pk)
     result = TestResult.objects.get(run=run)
     lease = Lease.objects.get(result=result)
 
@@ -504,8 +512,8 @@ def test_a_database_gone_for_longer_than_the_retries_leaves_the_case_to_the_swee
     result.refresh_from_db()
     assert result.status == "running"  # nothing could be written...
     assert lease.holder == ""  # ...so the lease is no longer this worker's to renew,
-    assert gate.heartbeat(HOLDER) == 0
-    assert gate.reclaim_expired_cases() == 1  # and the sweeper takes the case back at once
+    assert gate.heartbeat(HOLDER, [lease.pk]) == 0
+    assert admission.reclaim_expired_cases() == 1  # and the sweeper takes the case back at once
     # (and admits it again into the freed slot, for any worker to run)
     assert not Lease.objects.filter(pk=lease.pk).exists()
     assert Lease.objects.get(result=result).holder == ""
@@ -519,8 +527,8 @@ def test_a_database_gone_for_longer_than_the_retries_leaves_the_case_to_the_swee
 def test_a_lease_that_cannot_be_handed_back_yet_is_handed_back_on_the_next_sweep(
     provider, make_card
 ):
-    run = services.launch_run(card=make_card(cases=1), provider=provider)
-    gate.admit_cases(provider.pk)
+    run = launching.launch_run(card=make_card(cases=1), provider=provider)
+    admission.admit_cases(provider.pk)
     result = TestResult.objects.get(run=run)
     lease_id = gate.claim_case(result.pk, HOLDER)
     inflight.forsake_later(lease_id)  # as when the database was down when the case gave up
@@ -529,7 +537,7 @@ def test_a_lease_that_cannot_be_handed_back_yet_is_handed_back_on_the_next_sweep
 
     assert inflight.forsaken() == set()
     assert Lease.objects.get(pk=lease_id).holder == ""
-    assert gate.reclaim_expired_cases() == 1
+    assert admission.reclaim_expired_cases() == 1
 
 
 # --- Interrupts -----------------------------------------------------------------------------
@@ -565,8 +573,8 @@ def test_the_time_limit_mid_case_records_an_error_and_returns_the_slot(
     fake_llm, provider, make_card
 ):
     fake_llm.script([FakeReply(hang=True)])
-    run = services.launch_run(card=make_card(cases=2), provider=provider, max_concurrent_tests=1)
-    gate.admit_cases(provider.pk)
+    run = launching.launch_run(card=make_card(cases=2), provider=provider, max_concurrent_tests=1)
+    admission.admit_cases(provider.pk)
     first = TestResult.objects.get(run=run, position=0)
 
     raised = run_in_thread_until_interrupted(first.pk, TimeLimitExceeded, fake_llm)
@@ -586,8 +594,8 @@ def test_the_time_limit_mid_case_records_an_error_and_returns_the_slot(
 
 def test_a_shutdown_mid_case_puts_the_case_back_in_the_queue(fake_llm, provider, make_card):
     fake_llm.script([FakeReply(hang=True)])
-    run = services.launch_run(card=make_card(cases=1), provider=provider)
-    gate.admit_cases(provider.pk)
+    run = launching.launch_run(card=make_card(cases=1), provider=provider)
+    admission.admit_cases(provider.pk)
     result = TestResult.objects.get(run=run)
 
     raised = run_in_thread_until_interrupted(result.pk, Shutdown, fake_llm)
@@ -625,7 +633,7 @@ def test_one_worker_thread_survives_every_bad_answer_and_goes_on(
     for name in replies:
         assertions = [] if name != "broken" else [{"type": "contains", "value": "x"}]
         card.cases.create(name=name, variables={"name": name}, assertions=assertions)
-    run = services.launch_run(
+    run = launching.launch_run(
         card=card, provider=provider, max_concurrent_tests=1, timeout_seconds=60, max_retries=0
     )
     TestResult.objects.filter(run=run, case_name="broken").update(assertions=7)
@@ -650,7 +658,7 @@ def test_one_worker_thread_survives_every_bad_answer_and_goes_on(
     assert_every_slot_returned()
 
     # Still alive, and still taking cases.
-    again = services.launch_run(card=make_card(slug="again", cases=1), provider=provider)
+    again = launching.launch_run(card=make_card(slug="again", cases=1), provider=provider)
     wait_for(
         lambda: TestRun.objects.get(pk=again.pk).is_finished,
         timeout=30,

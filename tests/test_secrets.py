@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 from django.urls import reverse
 
-from testruns.engine import execution, gate, services
+from testruns.engine import admission, execution, launching
 from testruns.models import Provider, TestResult
 from tests.fake_llm import FakeReply
 
@@ -21,8 +21,13 @@ SECRET = "sk-test-51Hc0nf1dent1alKeyValue"
 @pytest.fixture
 def keyed_provider(fake_llm, monkeypatch):
     monkeypatch.setenv("PCR_TEST_OPENAI_KEY", SECRET)
-    return Provider.objects.create(name="Keyed", kind="openai", model="m",
-                                   base_url=fake_llm.base_url, api_key_env="PCR_TEST_OPENAI_KEY")
+    return Provider.objects.create(
+        name="Keyed",
+        kind="openai",
+        model="m",
+        base_url=fake_llm.base_url,
+        api_key_env="PCR_TEST_OPENAI_KEY",
+    )
 
 
 def every_text_in_the_database() -> str:
@@ -41,28 +46,34 @@ def test_api_key_is_used_but_never_shown_logged_or_stored(
     admin = django_user_model.objects.create_superuser("root", password="root-password-1")
     client.force_login(admin)
 
-    answer = client.post(reverse("admin:testruns_provider_changelist"),
-                         {"action": "test_connection", "_selected_action": [keyed_provider.pk]},
-                         follow=True)
+    answer = client.post(
+        reverse("admin:testruns_provider_changelist"),
+        {"action": "test_connection", "_selected_action": [keyed_provider.pk]},
+        follow=True,
+    )
     assert "answered" in answer.content.decode()
     assert fake_llm.requests[-1].headers["authorization"] == f"Bearer {SECRET}"
 
     # A whole case through the engine, including a failing call whose error is recorded.
-    run = services.launch_run(card=make_card(cases=1), provider=keyed_provider)
-    gate.admit_runs()
-    gate.admit_cases(keyed_provider.pk)
-    fake_llm.reply_with(lambda prompt: FakeReply(
-        status=401, body={"error": {"message": f"bad key {SECRET}"}}))
+    run = launching.launch_run(card=make_card(cases=1), provider=keyed_provider)
+    admission.admit_runs()
+    admission.admit_cases(keyed_provider.pk)
+    fake_llm.reply_with(
+        lambda prompt: FakeReply(status=401, body={"error": {"message": f"bad key {SECRET}"}})
+    )
     execution.execute_case(TestResult.objects.get(run=run).pk, "test-holder")
     assert "HTTP 401" in TestResult.objects.get(run=run).error
 
-    pages = [answer] + [client.get(url) for url in (
-        reverse("admin:testruns_provider_changelist"),
-        reverse("admin:testruns_provider_change", args=[keyed_provider.pk]),
-        reverse("admin:testruns_testrun_change", args=[run.pk]),
-        reverse("run-detail", args=[run.pk]),
-        reverse("run-status", args=[run.pk]),
-    )]
+    pages = [answer] + [
+        client.get(url)
+        for url in (
+            reverse("admin:testruns_provider_changelist"),
+            reverse("admin:testruns_provider_change", args=[keyed_provider.pk]),
+            reverse("admin:testruns_testrun_change", args=[run.pk]),
+            reverse("run-detail", args=[run.pk]),
+            reverse("run-status", args=[run.pk]),
+        )
+    ]
     for page in pages:
         assert page.status_code == 200
         assert SECRET not in page.content.decode()

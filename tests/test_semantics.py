@@ -19,7 +19,7 @@ from django.db.models import Count
 from django.urls import reverse
 
 from testruns.catalog import assertions
-from testruns.engine import execution, gate, inflight, services
+from testruns.engine import admission, execution, gate, inflight, launching, limits
 from testruns.models import PromptCard, Provider, Semaphore, TestResult, TestRun
 from tests.conftest import wait_for
 from tests.fake_llm import FakeReply
@@ -60,9 +60,9 @@ def grader(fake_llm):
 
 def run_here(run: TestRun) -> TestRun:
     """Admit and execute every case in this thread, one at a time, until none is left."""
-    gate.admit_runs()
+    admission.admit_runs()
     while True:
-        gate.admit_cases(run.provider_id)
+        admission.admit_cases(run.provider_id)
         admitted = list(
             TestResult.objects.filter(run=run, status="running", leases__holder="").values_list(
                 "pk", flat=True
@@ -97,7 +97,7 @@ def test_every_repeat_is_kept_and_the_output_shown_is_a_failing_one(
 ):
     answers = iter(["N0 fine", "no name <b>here</b>", "N0 again"])
     fake_llm.reply_with(lambda prompt: next(answers))
-    run = services.launch_run(card=make_card(cases=1), provider=provider, repeats=3, user=launcher)
+    run = launching.launch_run(card=make_card(cases=1), provider=provider, repeats=3, user=launcher)
 
     run = run_here(run)
 
@@ -124,7 +124,7 @@ def test_every_repeat_is_kept_and_the_output_shown_is_a_failing_one(
 
 
 def test_a_single_repeat_keeps_no_separate_evidence(fake_llm, provider, make_card):
-    run = run_here(services.launch_run(card=make_card(cases=1), provider=provider))
+    run = run_here(launching.launch_run(card=make_card(cases=1), provider=provider))
 
     result = run.results.get()
     assert result.status == "passed" and result.repeat_results == []
@@ -135,7 +135,7 @@ def test_the_cache_answers_only_the_first_repeat(fake_llm, provider, make_card):
     answers = iter(["N0 one", "nothing", "N0 three", "N0 four", "N0 five"])
     fake_llm.reply_with(lambda prompt: next(answers))
 
-    first = run_here(services.launch_run(card=card, provider=provider, repeats=3, use_cache=True))
+    first = run_here(launching.launch_run(card=card, provider=provider, repeats=3, use_cache=True))
 
     # Repeats sample the model: the second and third asked it, not the answer just cached.
     assert fake_llm.request_count == 3
@@ -143,7 +143,7 @@ def test_the_cache_answers_only_the_first_repeat(fake_llm, provider, make_card):
     assert result.status == "failed" and result.output == "nothing"
     assert [r["cached"] for r in result.repeat_results] == [False, False, False]
 
-    second = run_here(services.launch_run(card=card, provider=provider, repeats=3, use_cache=True))
+    second = run_here(launching.launch_run(card=card, provider=provider, repeats=3, use_cache=True))
 
     assert fake_llm.request_count == 5  # one cached answer, two fresh ones
     result = second.results.get()
@@ -157,7 +157,7 @@ def test_the_cache_answers_only_the_first_repeat(fake_llm, provider, make_card):
 
 
 def test_a_429_lowers_the_ceiling_only_for_requests_sent_after_the_last_decrease(provider):
-    services.ensure_semaphores(provider)
+    limits.ensure_semaphores(provider)
     name = gate.provider_semaphore(provider.pk)
 
     assert gate.throttle_provider(provider.pk, sent_seconds_ago=5.0) is True
@@ -178,11 +178,11 @@ def test_eight_concurrent_429s_halve_the_ceiling_once(fake_llm, provider, make_c
         return FakeReply(status=429)
 
     fake_llm.reply_with(throttled_once_all_are_in)
-    run = services.launch_run(
+    run = launching.launch_run(
         card=make_card(cases=8), provider=provider, max_concurrent_tests=8, max_retries=0
     )
-    gate.admit_runs()
-    gate.admit_cases(provider.pk)
+    admission.admit_runs()
+    admission.admit_cases(provider.pk)
     admitted = list(
         TestResult.objects.filter(run=run, status="running").values_list("pk", flat=True)
     )
@@ -215,7 +215,7 @@ def test_eight_concurrent_429s_halve_the_ceiling_once(fake_llm, provider, make_c
 
 def test_a_retry_after_beyond_the_cases_time_ends_it_at_once(fake_llm, provider, make_card):
     fake_llm.script([FakeReply(status=429, headers={"Retry-After": "120"})])
-    run = services.launch_run(
+    run = launching.launch_run(
         card=make_card(cases=1), provider=provider, timeout_seconds=5, max_retries=2
     )
     started = time.monotonic()
@@ -236,7 +236,7 @@ def test_a_retry_after_beyond_the_cases_time_ends_it_at_once(fake_llm, provider,
 
 def test_a_retry_after_that_fits_is_waited_for(fake_llm, provider, make_card):
     fake_llm.script([FakeReply(status=503, headers={"Retry-After": "1.5"})])
-    run = services.launch_run(
+    run = launching.launch_run(
         card=make_card(cases=1), provider=provider, timeout_seconds=5, max_retries=2
     )
     started = time.monotonic()
@@ -251,7 +251,7 @@ def test_a_retry_after_that_fits_is_waited_for(fake_llm, provider, make_card):
 def test_the_case_budget_counts_every_call_it_may_make(provider, make_card):
     card = make_card(cases=1)
     card.cases.update(assertions=[*RUBRIC, *RUBRIC, {"type": "contains", "value": "x"}])
-    run = services.launch_run(
+    run = launching.launch_run(
         card=card, provider=provider, timeout_seconds=2, max_retries=1, repeats=3
     )
     result = run.results.get()
@@ -269,7 +269,7 @@ def test_the_case_budget_counts_every_call_it_may_make(provider, make_card):
 def test_stop_on_first_failure_stops_on_an_error_too(fake_llm, provider, make_card):
     fake_llm.script([FakeReply(status=400, text="bad request")])
     run = run_here(
-        services.launch_run(
+        launching.launch_run(
             card=make_card(cases=4), provider=provider, stop_on_failure=True, max_concurrent_tests=1
         )
     )
@@ -299,7 +299,7 @@ def test_the_cards_grader_grades_and_its_tokens_and_cost_are_counted(
     fake_llm, provider, grader, make_card
 ):
     grading_vendor(fake_llm)
-    run = services.launch_run(card=rubric_card(make_card, grader=grader), provider=provider)
+    run = launching.launch_run(card=rubric_card(make_card, grader=grader), provider=provider)
     assert run.grader_provider == grader  # pinned at launch
 
     run = run_here(run)
@@ -328,14 +328,14 @@ def test_a_run_can_override_the_cards_grader_and_defaults_to_its_own_provider(
 ):
     grading_vendor(fake_llm)
     card = rubric_card(make_card, grader=grader)
-    overridden = services.launch_run(card=card, provider=provider, grader_provider=provider)
+    overridden = launching.launch_run(card=card, provider=provider, grader_provider=provider)
     assert overridden.grader_provider == provider
     run_here(overridden)
     assert models_asked(fake_llm) == [("gen-model", False), ("gen-model", True)]
 
     fake_llm.reset()
     grading_vendor(fake_llm)
-    plain = services.launch_run(card=rubric_card(make_card, "plain"), provider=provider)
+    plain = launching.launch_run(card=rubric_card(make_card, "plain"), provider=provider)
     assert plain.grader_provider is None
     assert run_here(plain).results.get().status == "passed"
     assert models_asked(fake_llm) == [("gen-model", False), ("gen-model", True)]
@@ -345,8 +345,8 @@ def test_a_disabled_grader_cannot_be_launched_with(provider, grader, make_card):
     Provider.objects.filter(pk=grader.pk).update(enabled=False)
     grader.refresh_from_db()
 
-    with pytest.raises(services.LaunchError, match="judge is disabled"):
-        services.launch_run(card=rubric_card(make_card, grader=grader), provider=provider)
+    with pytest.raises(launching.LaunchError, match="judge is disabled"):
+        launching.launch_run(card=rubric_card(make_card, grader=grader), provider=provider)
 
 
 def test_a_grader_still_rate_limited_after_its_retries_makes_the_case_an_error(
@@ -354,7 +354,7 @@ def test_a_grader_still_rate_limited_after_its_retries_makes_the_case_an_error(
 ):
     limited = FakeReply(status=429, headers={"Retry-After": "0"})
     grading_vendor(fake_llm, grade=limited)
-    run = services.launch_run(
+    run = launching.launch_run(
         card=rubric_card(make_card, grader=grader), provider=provider, max_retries=1
     )
 
@@ -384,7 +384,7 @@ def test_a_grader_still_rate_limited_after_its_retries_makes_the_case_an_error(
 
 def test_a_grader_that_times_out_makes_the_case_an_error(fake_llm, provider, grader, make_card):
     grading_vendor(fake_llm, grade=FakeReply(hang=True))
-    run = services.launch_run(
+    run = launching.launch_run(
         card=rubric_card(make_card, grader=grader),
         provider=provider,
         timeout_seconds=1,
@@ -407,11 +407,11 @@ def test_a_grader_call_is_abandoned_when_the_case_is_cancelled(
     fake_llm, provider, grader, make_card
 ):
     grading_vendor(fake_llm, grade=FakeReply(hang=True))
-    run = services.launch_run(
+    run = launching.launch_run(
         card=rubric_card(make_card, grader=grader), provider=provider, timeout_seconds=60
     )
-    gate.admit_runs()
-    gate.admit_cases(provider.pk)
+    admission.admit_runs()
+    admission.admit_cases(provider.pk)
     result = TestResult.objects.get(run=run)
     done = threading.Event()
 
@@ -426,7 +426,7 @@ def test_a_grader_call_is_abandoned_when_the_case_is_cancelled(
 
     threading.Thread(target=work, daemon=True).start()
     wait_for(lambda: fake_llm.request_count == 2 and fake_llm.in_flight == 1, what="grading")
-    services.cancel_run(run)
+    launching.cancel_run(run)
     started = time.monotonic()
     inflight.notice_lost_leases()  # what the sweep thread does every tick
 
@@ -498,7 +498,7 @@ def test_the_live_page_gets_each_repeats_verdict_and_output(
 ):
     answers = iter(["N0 fine", "<i>no</i>"])
     fake_llm.reply_with(lambda prompt: next(answers))
-    run = services.launch_run(card=make_card(cases=1), provider=provider, repeats=2, user=launcher)
+    run = launching.launch_run(card=make_card(cases=1), provider=provider, repeats=2, user=launcher)
     run_here(run)
     client.force_login(launcher)
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from websockets.sync.client import connect
 
-from testruns.engine.services import launch_run
+from testruns.engine.launching import launch_run
 from testruns.models import TestResult, TestRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -50,9 +50,10 @@ def test_worker_progress_reaches_websocket_client(
     card = make_card(cases=4)
     run = launch_run(card=card, provider=simulator, user=launcher)
 
-    with connect(f"ws://{asgi_server}/ws/runs/{run.pk}/",
-                 additional_headers={"Cookie": session_cookie,
-                                     "Origin": f"http://{asgi_server}"}) as ws:
+    with connect(
+        f"ws://{asgi_server}/ws/runs/{run.pk}/",
+        additional_headers={"Cookie": session_cookie, "Origin": f"http://{asgi_server}"},
+    ) as ws:
         page = RunPage(ws)
         snapshot = json.loads(ws.recv(timeout=10))
         assert snapshot["type"] == "snapshot"
@@ -66,8 +67,7 @@ def test_worker_progress_reaches_websocket_client(
         page.follow_until("succeeded")
 
     assert page.run["done_count"] == 4 and page.run["passed_count"] == 4
-    assert sorted(row["case_name"] for row in page.rows.values()) == [
-        f"case {i}" for i in range(4)]
+    assert sorted(row["case_name"] for row in page.rows.values()) == [f"case {i}" for i in range(4)]
     assert all(row["output"].startswith("[simulated]") for row in page.rows.values())
     # No result was announced twice; a resync may have re-sent some in a snapshot.
     assert len(page.delta_rows) == len(set(page.delta_rows))
@@ -85,8 +85,10 @@ def test_websocket_refuses_a_run_the_user_may_not_see(
     client.force_login(stranger)
     cookie = f"sessionid={client.cookies['sessionid'].value}"
 
-    with connect(f"ws://{asgi_server}/ws/runs/{run.pk}/",
-                 additional_headers={"Cookie": cookie, "Origin": f"http://{asgi_server}"}) as ws:
+    with connect(
+        f"ws://{asgi_server}/ws/runs/{run.pk}/",
+        additional_headers={"Cookie": cookie, "Origin": f"http://{asgi_server}"},
+    ) as ws:
         with pytest.raises(Exception) as closed:
             ws.recv(timeout=10)
     assert closed.value.rcvd.code == 4403
@@ -94,8 +96,10 @@ def test_websocket_refuses_a_run_the_user_may_not_see(
 
 def test_websocket_from_a_foreign_origin_is_rejected(asgi_server, session_cookie):
     with pytest.raises(Exception) as rejected:
-        connect(f"ws://{asgi_server}/ws/runs/1/",
-                additional_headers={"Cookie": session_cookie, "Origin": "http://evil.example"})
+        connect(
+            f"ws://{asgi_server}/ws/runs/1/",
+            additional_headers={"Cookie": session_cookie, "Origin": "http://evil.example"},
+        )
     assert "403" in str(rejected.value)
 
 
@@ -105,9 +109,10 @@ def test_an_idle_websocket_outlives_the_redis_read_timeout(
     """channels_redis blocks 5 s per read of the channel layer; redis-py 8's default socket
     timeout is also 5 s, which used to kill every consumer left idle that long."""
     run = launch_run(card=make_card(), provider=simulator, user=launcher)
-    with connect(f"ws://{asgi_server}/ws/runs/{run.pk}/",
-                 additional_headers={"Cookie": session_cookie,
-                                     "Origin": f"http://{asgi_server}"}) as ws:
+    with connect(
+        f"ws://{asgi_server}/ws/runs/{run.pk}/",
+        additional_headers={"Cookie": session_cookie, "Origin": f"http://{asgi_server}"},
+    ) as ws:
         assert json.loads(ws.recv(timeout=10))["type"] == "snapshot"
         with pytest.raises(TimeoutError):
             ws.recv(timeout=8)  # nothing happens for longer than the old 5 s limit...

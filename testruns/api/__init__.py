@@ -1,6 +1,6 @@
 """The REST API. Thin: views translate requests and call services, selectors and stats.
 
-Permissions are the pages': reading runs goes through `selectors.runs_visible_to`; launching
+Permissions are the pages': reading runs goes through `access.runs_visible_to`; launching
 needs `testruns.launch_testrun` and cancelling `testruns.cancel_testrun`; cards, versions,
 test cases and providers need the admin's model permissions to change, and their view
 permission (or the launch permission: the launch page lists cards and providers) to read.

@@ -19,15 +19,15 @@ from rest_framework.response import Response
 
 from testruns.api.params import query_bool, query_choice, query_int, query_text
 from testruns.api.permissions import CommandProvidersForSuperusers, ModelPermissions
-from testruns.api.serializers import (
-    BIG_INT,
+from testruns.api.serializers.catalog import (
     CardSerializer,
     ProviderSerializer,
     TestCaseSerializer,
     VersionSerializer,
 )
-from testruns.catalog import card_files
-from testruns.engine import services
+from testruns.api.serializers.shared import BIG_INT
+from testruns.catalog import card_files, cards
+from testruns.engine import limits
 from testruns.models import PromptCard, PromptVersion, Provider, TestCase
 
 
@@ -90,18 +90,13 @@ class CardViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
     def save_kwargs(self) -> dict:
         return {"owner": self.request.user}
 
-    def after_save(self, instance, serializer) -> None:
-        note = serializer.validated_data.get("change_note", "")
-        services.snapshot_version(instance, author=self.request.user, note=note)
-        super().after_save(instance, serializer)
-
     @extend_schema(request=None, responses={201: CardSerializer})
     @action(detail=True, methods=["post"])
     def duplicate(self, request: Request, pk=None) -> Response:
         """Copy the card and its test cases under a free "<slug>-copy" slug."""
         if not request.user.has_perm("testruns.add_promptcard"):
             raise exceptions.PermissionDenied("You may not add cards.")
-        copy = services.duplicate_card(self.get_object(), user=request.user)
+        copy = cards.duplicate_card(self.get_object(), user=request.user)
         return Response(
             self.get_serializer(self.get_queryset().get(pk=copy.pk)).data,
             status=status.HTTP_201_CREATED,
@@ -254,5 +249,5 @@ class ProviderViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
     queryset = Provider.objects.order_by("name")
 
     def after_save(self, instance, serializer) -> None:
-        services.save_provider_limit(instance)
+        limits.save_provider_limit(instance)
         super().after_save(instance, serializer)

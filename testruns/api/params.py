@@ -6,7 +6,7 @@ from __future__ import annotations
 from rest_framework import exceptions
 from rest_framework.request import Request
 
-from testruns.api.serializers import BIG_INT
+from testruns.api.serializers.shared import BIG_INT
 
 
 def query_int(request: Request, name: str) -> int | None:

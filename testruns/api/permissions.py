@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rest_framework import permissions
 
-from testruns.models import Provider
+from testruns.catalog import provider_rules
 
 
 class ModelPermissions(permissions.DjangoModelPermissions):
@@ -44,13 +44,12 @@ class RunPermissions(permissions.IsAuthenticated):
 
 
 class CommandProvidersForSuperusers(permissions.BasePermission):
-    """A local command runs on the worker hosts: only superusers change such providers."""
+    """A local command runs on the worker hosts: only superusers change such providers (the
+    rule is provider_rules.may_manage_provider, as in the admin)."""
 
-    message = "Only superusers may create or change local command providers."
+    message = provider_rules.COMMAND_PROVIDER_MESSAGE
 
     def has_object_permission(self, request, view, obj) -> bool:
-        return (
-            request.method in permissions.SAFE_METHODS
-            or obj.kind != Provider.Kind.COMMAND
-            or request.user.is_superuser
+        return request.method in permissions.SAFE_METHODS or provider_rules.may_manage_provider(
+            request.user, obj
         )

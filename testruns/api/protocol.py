@@ -14,15 +14,19 @@ from django.db.models import ProtectedError, RestrictedError
 from rest_framework import exceptions, parsers, status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 
 from testruns.api import idempotency
-from testruns.api.serializers import model_errors
+from testruns.api.serializers.shared import model_errors
 from testruns.catalog import card_files
-from testruns.engine import services
+from testruns.engine import launching
 
 log = logging.getLogger(__name__)
 
 MAX_JSON_DEPTH = 64
+# launching.launch_runs' arguments named as the launch requests name them, so a LaunchError
+# is shown on the request's own field (a disabled provider under "provider" in a batch too).
+LAUNCH_FIELDS = {"providers": "provider", "case_ids": "test_cases"}
 
 
 class Pagination(PageNumberPagination):
@@ -54,7 +58,7 @@ class JSONParser(parsers.JSONParser):
     """DRF's strict JSON parser, refusing what the database cannot store as a 400. (Bodies
     over DATA_UPLOAD_MAX_MEMORY_SIZE never get here: reading them raises RequestDataTooBig.)"""
 
-    def parse(self, stream, media_type=None, parser_context=None):
+    def parse(self, stream, media_type=None, parser_context=None) -> object:
         try:
             data = super().parse(stream, media_type, parser_context)
         except RecursionError:
@@ -87,10 +91,11 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
             status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
             f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.",
         )
-    elif isinstance(exc, services.QueueFull):
+    elif isinstance(exc, launching.QueueFull):
         exc = QueueFullError(str(exc))
-    elif isinstance(exc, services.LaunchError):
-        exc = exceptions.ValidationError({"non_field_errors": [str(exc)]})
+    elif isinstance(exc, launching.LaunchError):
+        field = LAUNCH_FIELDS.get(exc.field, exc.field) or api_settings.NON_FIELD_ERRORS_KEY
+        exc = exceptions.ValidationError({field: [str(exc)]})
     elif isinstance(exc, idempotency.IdempotencyError):
         exc = _status_error(exc.status, str(exc))
     elif isinstance(exc, ProtectedError | RestrictedError):
@@ -105,6 +110,8 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         )
     elif isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(model_errors(exc))
+    # Imported here: DRF imports this module while it defines its views (settings name it),
+    # so importing rest_framework.views at the top would be circular.
     from rest_framework.views import exception_handler as drf_exception_handler
 
     return drf_exception_handler(exc, context)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from django.db import transaction
 from django.db.models import Case, IntegerField, QuerySet, Value, When
 from django.http import HttpResponse
@@ -19,18 +17,20 @@ from testruns.api import idempotency
 from testruns.api.params import query_choice, query_int
 from testruns.api.permissions import RunPermissions
 from testruns.api.protocol import Conflict
-from testruns.api.serializers import (
+from testruns.api.serializers.runs import (
     BatchLaunchSerializer,
     BatchResponseSerializer,
     CancelResponseSerializer,
     LaunchSerializer,
     ProgressSerializer,
     ResultSerializer,
+    RunConfigSerializer,
     RunSerializer,
 )
-from testruns.engine import services
-from testruns.models import PromptCard, Provider, TestCase, TestResult, TestRun
-from testruns.reporting import formats, queue_stats, selectors
+from testruns.engine import launching
+from testruns.live import snapshots
+from testruns.models import TestResult, TestRun
+from testruns.reporting import access, formats, history, queue_stats
 
 IDEMPOTENCY_HEADER = OpenApiParameter(
     "Idempotency-Key",
@@ -43,7 +43,7 @@ IDEMPOTENCY_HEADER = OpenApiParameter(
 )
 
 
-# What a run's progress repeats from its selectors.run_snapshot() state.
+# What a run's progress repeats from its snapshots.run_snapshot() state.
 PROGRESS_FIELDS = (
     "id", "status", "phase", "queue_position", "total_cases", "done_count", "passed_count",
     "failed_count", "error_count", "waited_seconds", "running_seconds", "tokens_in",
@@ -55,7 +55,7 @@ def queue_positions() -> dict[int, int]:
     """Run id -> 1-based place among all waiting runs, from one queue read."""
     return {
         run_id: index
-        for index, (run_id, _) in enumerate(selectors.queue_state()["waiting"], start=1)
+        for index, (run_id, _) in enumerate(snapshots.queue_state()["waiting"], start=1)
     }
 
 
@@ -80,9 +80,9 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     queryset = TestRun.objects.all()
 
     def get_queryset(self) -> QuerySet[TestRun]:
-        runs = selectors.runs_visible_to(self.request.user).order_by("-queued_at", "-pk")
+        runs = access.runs_visible_to(self.request.user).order_by("-queued_at", "-pk")
         if self.action == "list":
-            runs = selectors.filter_runs(
+            runs = history.filter_runs(
                 runs,
                 status=query_choice(self.request, "status", list(TestRun.Status.values)),
                 card=query_int(self.request, "card"),
@@ -99,22 +99,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def create(self, request: Request) -> Response:
         """Queue a run: 201 with its id, status and queue position; 429 while the queue is
         full."""
-        launch = LaunchSerializer(data=request.data, context={"request": request})
-        launch.is_valid(raise_exception=True)
-        config = launch.run_config()
-        card, provider = config.pop("card"), config.pop("provider")
-        case_ids, tags = config.pop("case_ids"), config.pop("tags", None)
-        check_enabled([provider])
-
-        def queue() -> list[TestRun]:
-            cases = select_cases_or_400(card, case_ids=case_ids, tags=tags)
-            return [
-                services.launch_run(
-                    card=card, provider=provider, user=request.user, cases=cases, **config
-                )
-            ]
-
-        runs, replayed = launch_idempotently(request, "runs", queue)
+        runs, replayed = launch_idempotently(request, "runs", LaunchSerializer)
         run = runs[0] if runs else None
         if run is None:
             raise exceptions.NotFound("The run this Idempotency-Key queued is gone.")
@@ -130,14 +115,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def batch(self, request: Request) -> Response:
         """Queue one run per (card, provider) at once, all or none; they share a
         comparison group."""
-        launch = BatchLaunchSerializer(data=request.data, context={"request": request})
-        launch.is_valid(raise_exception=True)
-        check_enabled(launch.validated_data["providers"])
-        config = launch.run_config()
-        # A LaunchError (no cases, a full queue) becomes a 400 or 429 in api.protocol.
-        runs, replayed = launch_idempotently(
-            request, "batch", lambda: services.launch_runs(user=request.user, **config)
-        )
+        runs, replayed = launch_idempotently(request, "batch", BatchLaunchSerializer)
         fresh = self.get_queryset().filter(pk__in=[run.pk for run in runs]).order_by("pk")
         group = runs[0].comparison_group if runs else None
         body = {"comparison_group": group, "runs": self.get_serializer(fresh, many=True).data}
@@ -146,7 +124,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def destroy(self, request: Request, pk=None) -> Response:
         """Cancel a run that has not finished; its results so far are kept."""
         run = self.get_object()
-        if run.is_finished or not services.cancel_run(run, user=request.user):
+        if run.is_finished or not launching.cancel_run(run, user=request.user):
             run.refresh_from_db(fields=["status"])
             raise Conflict(f"Run #{run.pk} has already finished ({run.status}).")
         run.refresh_from_db(fields=["status"])
@@ -156,7 +134,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @action(detail=True, methods=["get"])
     def progress(self, request: Request, pk=None) -> Response:
         """Counts, queue place while waiting, and why the run is not moving if it is not."""
-        snapshot = selectors.run_snapshot(self.get_object(), result_limit=0)
+        snapshot = snapshots.run_snapshot(self.get_object(), result_limit=0)
         state, queue = snapshot["run"], snapshot["queue"]
         evaluated = state["passed_count"] + state["failed_count"] + state["error_count"]
         body = {
@@ -207,7 +185,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def active(self, request: Request) -> Response:
         """Runs that are running (first) or waiting (in queue order)."""
         runs = (
-            selectors.runs_visible_to(request.user)
+            access.runs_visible_to(request.user)
             .filter(status__in=[TestRun.Status.RUNNING, TestRun.Status.QUEUED])
             .annotate(
                 waiting=Case(
@@ -222,33 +200,25 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         return self.get_paginated_response(self.get_serializer(page, many=True).data)
 
 
-def check_enabled(providers: list[Provider]) -> None:
-    disabled = [provider.name for provider in providers if not provider.enabled]
-    if disabled:
-        raise exceptions.ValidationError(
-            {"provider": [f"Provider {name} is disabled." for name in disabled]}
-        )
-
-
-def select_cases_or_400(card: PromptCard, **selection) -> list[TestCase]:
-    try:
-        return services.select_cases(card, **selection)
-    except services.LaunchError as exc:
-        field = "test_cases" if selection.get("case_ids") else "tags"
-        raise exceptions.ValidationError({field: [str(exc)]}) from None
-
-
 def launch_idempotently(
-    request: Request, scope: str, queue: Callable[[], list[TestRun]]
+    request: Request, scope: str, serializer_class: type[RunConfigSerializer]
 ) -> tuple[list[TestRun], bool]:
-    """Queue once per Idempotency-Key (when the request has one): returns the runs and
-    whether they are an earlier request's."""
+    """Translate the request into launching.launch_runs' arguments and queue, once per
+    Idempotency-Key (when the request has one): returns the runs and whether they are an
+    earlier request's. A LaunchError (no cases, a full queue) becomes a 400 on the request's
+    field, or a 429, in api.protocol."""
+    launch = serializer_class(data=request.data, context={"request": request})
+    launch.is_valid(raise_exception=True)
+
+    def queue() -> list[TestRun]:
+        return launching.launch_runs(user=request.user, **launch.launch_arguments())
+
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return queue(), False
     claim = idempotency.claim(user_id=request.user.pk, key=key, scope=scope, payload=request.data)
     if claim.replay is not None:
-        runs = selectors.runs_visible_to(request.user).filter(pk__in=claim.replay)
+        runs = access.runs_visible_to(request.user).filter(pk__in=claim.replay)
         return list(runs.order_by("pk")), True
     try:
         with transaction.atomic():

@@ -6,7 +6,9 @@ saved before these rules existed still cannot send the database URL to a strange
 Why: whoever may add or change a provider chooses where the app sends a request and which
 variable's value goes in its Authorization header. Without these rules that is a way to read
 any setting of the server (DATABASE_URL, REDIS_URL, SECRET_KEY, ...) or the cloud metadata
-service (instance credentials) from the worker hosts.
+service (instance credentials) from the worker hosts. And a local command provider runs a
+program on the worker hosts, so only superusers manage those (`may_manage_provider`), wherever
+a provider is created, changed, tested or deleted: the admin, the API.
 """
 
 from __future__ import annotations
@@ -17,10 +19,20 @@ import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, ValidationError
+
+if TYPE_CHECKING:  # only for annotations: this module imports no model (models.py uses it)
+    from django.contrib.auth.models import AbstractUser, AnonymousUser
+
+    from testruns.models import Provider
+
+# Provider.Kind.COMMAND, spelled out because models.py validates with this module.
+COMMAND_KIND = "command"
+COMMAND_PROVIDER_MESSAGE = "Only superusers may create or change local command providers."
 
 # Names that look like a key of some vendor. Narrow it (e.g. ^(OPENAI|ANTHROPIC)_API_KEY$) or
 # widen it with the PROVIDER_KEY_ENV_PATTERN setting; the reserved names below stay refused.
@@ -118,6 +130,17 @@ METADATA_HOSTNAMES = frozenset(
 # (the call-time check in providers.py looks again).
 RESOLVE_TIMEOUT_SECONDS = 2.0
 _resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="provider-rules-dns")
+
+
+def may_manage_provider(
+    user: AbstractUser | AnonymousUser, provider_or_kind: Provider | str | None
+) -> bool:
+    """Whether `user` may create, change, test or delete a provider of this kind (a Provider,
+    or the kind a form or request asks for; None when it names none). A local command runs a
+    program on the worker hosts, so only a superuser manages one; every other kind is left to
+    the model permissions. Refusals say COMMAND_PROVIDER_MESSAGE."""
+    kind = provider_or_kind if isinstance(provider_or_kind, str | None) else provider_or_kind.kind
+    return kind != COMMAND_KIND or user.is_superuser
 
 
 def key_env_pattern() -> re.Pattern[str]:

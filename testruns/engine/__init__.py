@@ -1,1 +1,9 @@
-"""engine"""
+"""Running work under the gate: launch and cancel (launching), limits, admission, the gate
+itself (SQL only: it takes and returns ids), dispatch of messages, execution of a case,
+provider calls, in-flight tracking, the sweeper and the worker process (leases, heartbeat).
+
+Flow: launching -> admission -> gate -> dispatch (message) -> actors -> execution ->
+providers -> catalog.assertions -> result -> live.publish (event).
+May import: testruns.catalog, testruns.live (publish, wire, snapshots), testruns.ops
+(log_context, host_load), testruns.models.
+"""

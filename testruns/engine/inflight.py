@@ -17,7 +17,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import TypeVar
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _watched: dict[int, threading.Event] = {}
 _forsaken: set[int] = set()
+_held: dict[int, int] = {}
 _lock = threading.Lock()
 
 
@@ -44,7 +45,7 @@ class CallOverran(TimeoutError):
 
 
 @contextmanager
-def watching(lease_id: int):
+def watching(lease_id: int) -> Iterator[threading.Event]:
     """Register a case in flight; yields the event that is set when its lease disappears."""
     lost = threading.Event()
     with _lock:
@@ -54,6 +55,28 @@ def watching(lease_id: int):
     finally:
         with _lock:
             _watched.pop(lease_id, None)
+
+
+@contextmanager
+def holding(lease_id: int) -> Iterator[None]:
+    """From claim to recorded result: the heartbeat renews this lease while the block runs.
+    A lease this process holds outside such a block (a case kept for a thread that died
+    before it started it) is left to expire, and the sweeper gives its case to another."""
+    with _lock:
+        _held[lease_id] = _held.get(lease_id, 0) + 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _held[lease_id] -= 1
+            if not _held[lease_id]:
+                del _held[lease_id]
+
+
+def held_leases() -> list[int]:
+    """The leases of the cases this process is working on, for the heartbeat."""
+    with _lock:
+        return sorted(set(_held) | set(_watched))
 
 
 def notice_lost_leases() -> int:

@@ -8,8 +8,8 @@ import logging
 
 from django.db.models import F
 
-from testruns.engine import dispatch, execution, gate
-from testruns.live import events
+from testruns.engine import admission, dispatch, gate, recording
+from testruns.live import publish
 from testruns.models import Semaphore, TestResult, TestRun
 
 log = logging.getLogger(__name__)
@@ -24,14 +24,17 @@ def sweep() -> dict[str, int]:
     5. Tell pages about results that coalescing held back during a quiet spell."""
     report = {
         "recounted": len(gate.recount_in_use()),
-        "reclaimed": gate.reclaim_expired_cases(),
+        "reclaimed": admission.reclaim_expired_cases(),
         "resent": dispatch.resend_undispatched(),
-        "finished": sum(execution.finish_run(run_id) for run_id in TestRun.objects.filter(
-            status=TestRun.Status.RUNNING, done_count__gte=F("total_cases")
-        ).values_list("pk", flat=True)),
+        "finished": sum(
+            recording.finish_run(run_id)
+            for run_id in TestRun.objects.filter(
+                status=TestRun.Status.RUNNING, done_count__gte=F("total_cases")
+            ).values_list("pk", flat=True)
+        ),
         "admitted_runs": len(admit_runs_if_room()),
-        "admitted_cases": sum(len(gate.admit_cases(p)) for p in providers_with_room()),
-        "announced": events.flush_unannounced(),
+        "admitted_cases": sum(len(admission.admit_cases(p)) for p in providers_with_room()),
+        "announced": publish.flush_unannounced(),
     }
     if any(report.values()):
         log.info("sweep: %s", report)
@@ -41,17 +44,22 @@ def sweep() -> dict[str, int]:
 def admit_runs_if_room() -> list[int]:
     runs = Semaphore.objects.filter(name=gate.RUNS, in_use__lt=F("limit")).exists()
     if runs and TestRun.objects.filter(status=TestRun.Status.QUEUED).exists():
-        return gate.admit_runs()
+        return admission.admit_runs()
     return []
 
 
 def providers_with_room() -> list[int]:
     """Providers with a free slot and a pending case of a running run (checked without a
     lock; admit_cases re-checks under it)."""
-    waiting = set(TestResult.objects.filter(
-        status=TestResult.Status.PENDING, run__status=TestRun.Status.RUNNING,
-        run__cancel_requested=False,
-    ).values_list("run__provider_id", flat=True).distinct())
+    waiting = set(
+        TestResult.objects.filter(
+            status=TestResult.Status.PENDING,
+            run__status=TestRun.Status.RUNNING,
+            run__cancel_requested=False,
+        )
+        .values_list("run__provider_id", flat=True)
+        .distinct()
+    )
     with_room = []
     for provider_id in waiting:
         semaphore = Semaphore.objects.filter(name=gate.provider_semaphore(provider_id)).first()

@@ -5,7 +5,7 @@ Code logs with `extra={"run_id": ..., "case_id": ...}`, or wraps a stretch of wo
 providers' and the gate's too) carries them. `RunContextFilter` fills in both attributes on
 every record, and one of two formatters writes them:
 
-- `PlainFormatter` (the default): `2025-01-01 12:00:00,000 INFO testruns.engine.services run queued
+- `PlainFormatter` (the default): `2025-01-01 12:00:00,000 INFO testruns.engine.launching run queued
   run=12 case=345`, the ids appended only when known;
 - `JSONFormatter` (LOG_FORMAT=json): one JSON object per line with time, level, logger,
   message, run_id, case_id and, for errors, the traceback.

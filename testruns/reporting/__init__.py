@@ -1,1 +1,6 @@
-"""reporting"""
+"""Reading what ran: which runs a user may see, history and trends, statistics (one pass-rate
+definition), baselines and regressions, comparison, and export formats (JSON, JUnit, CSV).
+
+May import: testruns.engine (names and read helpers), testruns.live (snapshots),
+testruns.catalog, testruns.models. Never writes run state.
+"""

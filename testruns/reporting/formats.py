@@ -14,7 +14,8 @@ from collections.abc import Iterable, Iterator
 from decimal import Decimal
 
 from testruns.models import TestResult, TestRun
-from testruns.reporting import selectors
+from testruns.reporting import statistics
+from testruns.reporting.history import run_statistics
 
 # XML 1.0 cannot hold these characters at all, escaped or not.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -101,7 +102,7 @@ def _testsuite(parent: ET.Element, run: TestRun) -> dict[str, int]:
         counts["tests"] += 1
         counts["failures"] += result.status == TestResult.Status.FAILED
         counts["errors"] += result.status == TestResult.Status.ERROR
-        counts["skipped"] += result.status not in selectors.EVALUATED
+        counts["skipped"] += result.status not in statistics.EVALUATED
         total_seconds += (result.latency_ms or 0) / 1000
     for key, value in counts.items():
         suite.set(key, str(value))
@@ -136,7 +137,7 @@ def _plain(value: object) -> object:
 
 def run_json(run: TestRun) -> dict:
     """One run as a JSON-ready document: what ran, its totals and statistics, every result."""
-    statistics = {key: _plain(value) for key, value in selectors.run_statistics(run).items()}
+    stats = {key: _plain(value) for key, value in run_statistics(run).items()}
     return {
         "run": {
             "id": run.pk,
@@ -170,7 +171,7 @@ def run_json(run: TestRun) -> dict:
             "tokens_out": run.tokens_out,
             "cost": _plain(run.cost),
         },
-        "statistics": statistics,
+        "statistics": stats,
         "results": [
             {field: _plain(getattr(result, field)) for field in RESULT_FIELDS}
             for result in _results(run)
@@ -179,10 +180,11 @@ def run_json(run: TestRun) -> dict:
 
 
 def pass_rate(runs: Iterable[TestRun]) -> float | None:
-    """Passed over evaluated cases (skipped ones do not count) across the runs; None when
-    nothing was evaluated."""
-    passed = evaluated = 0
+    """`statistics.pass_rate` of the runs' counts added up (passed over evaluated cases
+    across them); None when nothing was evaluated."""
+    passed = failed = errors = 0
     for run in runs:
         passed += run.passed_count
-        evaluated += run.passed_count + run.failed_count + run.error_count
-    return passed / evaluated if evaluated else None
+        failed += run.failed_count
+        errors += run.error_count
+    return statistics.pass_rate(passed, failed, errors)

@@ -15,9 +15,9 @@ from django.db import connection
 from django.db.models.expressions import RawSQL
 
 from testruns.engine import gate
+from testruns.live.snapshots import slot_usage
 from testruns.models import TestRun, WorkerHeartbeat
 from testruns.ops import host_load
-from testruns.reporting import selectors
 
 # A worker writes its heartbeat every LEASE_TTL_SECONDS / 3. It counts as live while its
 # latest one is younger than three missed beats (LEASE_TTL_SECONDS) plus this slack, which
@@ -154,7 +154,7 @@ def queue_stats(window_seconds: int = DEFAULT_WINDOW_SECONDS) -> dict:
 def limits() -> dict:
     """Run slots, every provider's call slots, the queue's maximum length and the per-user
     limit (0 when off)."""
-    slots = selectors.slot_usage()
+    slots = slot_usage()
     runs = next((slot for slot in slots if slot["name"] == gate.RUNS), None)
     per_user = next((slot for slot in _semaphores([gate.RUNS_PER_USER])), None)
     return {
@@ -201,7 +201,7 @@ def waiting_reasons(stats: dict) -> list[str]:
 
 
 def run_waiting_reasons(snapshot: dict) -> list[str]:
-    """Why one run (a selectors.run_snapshot) is not moving: runs ahead of it and full run
+    """Why one run (a snapshots.run_snapshot) is not moving: runs ahead of it and full run
     slots while it waits, and the workers' state while it has cases to do."""
     run, queue = snapshot["run"], snapshot["queue"]
     reasons = []

@@ -3,6 +3,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib.auth import get_user_model
 
+from testruns.engine.run_settings import form_field
 from testruns.models import PromptCard, PromptVersion, Provider, TestCase, TestRun
 
 
@@ -45,19 +46,14 @@ class LaunchForm(forms.Form):
         required=False,
         widget=forms.SelectMultiple(attrs={"size": 8}),
     )
-    max_concurrent_tests = forms.IntegerField(
-        initial=4, min_value=1, max_value=64, label="Max concurrent cases"
-    )
-    timeout_seconds = forms.FloatField(
-        initial=60, min_value=1, max_value=3600, label="Timeout per case (s)"
-    )
+    # The bounds of these numbers are TestRun's (engine.run_settings), as in the API and CLI.
+    max_concurrent_tests = form_field("max_concurrent_tests", label="Max concurrent cases")
+    timeout_seconds = form_field("timeout_seconds", label="Timeout per case (s)")
     stop_on_failure = forms.BooleanField(required=False, label="Stop on first failure")
-    max_retries = forms.IntegerField(initial=2, min_value=0, max_value=10, label="Retries")
+    max_retries = form_field("max_retries", label="Retries")
     use_cache = forms.BooleanField(required=False, label="Use the response cache")
-    repeats = forms.IntegerField(
-        initial=1,
-        min_value=1,
-        max_value=20,
+    repeats = form_field(
+        "repeats",
         help_text="A case passes only when every repeat passes; with the cache on, only the "
         "first repeat may be answered from it.",
     )
@@ -68,9 +64,7 @@ class LaunchForm(forms.Form):
         label="Grader provider",
         help_text="Grades llm-rubric assertions.",
     )
-    priority = forms.IntegerField(
-        initial=0, min_value=-100, max_value=100, help_text="Higher runs first."
-    )
+    priority = form_field("priority")
 
     CONFIG = [
         "max_concurrent_tests",
@@ -100,7 +94,7 @@ class LaunchForm(forms.Form):
         )
         self.fields["tags"].choices = [(tag, tag) for tag in tags]
 
-    def clean(self):
+    def clean(self) -> dict:
         data = super().clean()
         card = data.get("card")
         if card is None:
@@ -111,23 +105,30 @@ class LaunchForm(forms.Form):
         if version is not None and version.card_id != card.pk:
             self.add_error("version", "That version belongs to another card.")
         selection = data.get("selection")
-        data["selected_cases"] = None  # all enabled cases
         if selection == self.Selection.TAG:
             if not data.get("tags"):
                 self.add_error("tags", "Pick at least one tag.")
-            else:
-                cases = list(card.cases.filter(enabled=True, tags__overlap=data["tags"]))
-                if not cases:
-                    self.add_error("tags", "No enabled case has any of these tags.")
-                data["selected_cases"] = cases
-        elif selection == self.Selection.PICKED:
-            if not data.get("cases"):
-                self.add_error("cases", "Pick at least one case.")
-            data["selected_cases"] = list(data.get("cases") or [])
+            elif not card.cases.filter(enabled=True, tags__overlap=data["tags"]).exists():
+                self.add_error("tags", "No enabled case has any of these tags.")
+        elif selection == self.Selection.PICKED and not data.get("cases"):
+            self.add_error("cases", "Pick at least one case.")
         return data
 
-    def config(self) -> dict:
-        return {name: self.cleaned_data[name] for name in self.CONFIG}
+    def launch_arguments(self) -> dict:
+        """The keyword arguments of launching.launch_runs (all but the user)."""
+        data = self.cleaned_data
+        selection = data["selection"]
+        return {
+            "cards": [data["card"]],
+            "providers": list(data["providers"]),
+            "version": data["version"].number if data["version"] else None,
+            "case_ids": (
+                [case.pk for case in data["cases"]] if selection == self.Selection.PICKED else None
+            ),
+            "tags": data["tags"] if selection == self.Selection.TAG else None,
+            "priority": data["priority"],
+            **{name: data[name] for name in self.CONFIG},
+        }
 
 
 class HistoryFilterForm(forms.Form):

@@ -3,12 +3,9 @@ looked up through `get_run_for_user`, so a run the user may not see is a 404."""
 
 from __future__ import annotations
 
-import uuid
-
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import Paginator
-from django.db import transaction
 from django.http import (
     Http404,
     HttpResponse,
@@ -20,11 +17,16 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from testruns.engine import services
+from testruns.catalog import cards
+from testruns.engine import launching
+from testruns.live import snapshots
 from testruns.models import PromptCard, TestRun
-from testruns.reporting import run_csv, selectors
+from testruns.reporting import run_csv
+from testruns.reporting.access import can_cancel, get_run_for_user, runs_visible_to
+from testruns.reporting.baselines import baseline_for, case_key, changes_since
+from testruns.reporting.comparison import fill_cells, side_by_side
 from testruns.reporting.formats import junit_xml, run_json
-from testruns.reporting.selectors import get_run_for_user, runs_visible_to
+from testruns.reporting.history import card_trends, filter_runs, run_statistics
 from testruns.web.forms import HistoryFilterForm, LaunchForm
 
 HISTORY_PAGE_SIZE = 25
@@ -52,22 +54,21 @@ def _page_number(request) -> int:
 
 
 @require_GET
-def dashboard(request):
-    return render(
-        request, "testruns/dashboard.html", {"state": selectors.dashboard_state(request.user)}
-    )
+def dashboard(request) -> HttpResponse:
+    state = snapshots.dashboard_state(runs_visible_to(request.user))
+    return render(request, "testruns/dashboard.html", {"state": state})
 
 
 @require_GET
-def dashboard_json(request):
-    return JsonResponse(selectors.dashboard_state(request.user))
+def dashboard_json(request) -> HttpResponse:
+    return JsonResponse(snapshots.dashboard_state(runs_visible_to(request.user)))
 
 
 # --- Launch --------------------------------------------------------------------------------
 
 
 @permission_required("testruns.launch_testrun", raise_exception=True)
-def launch(request):
+def launch(request) -> HttpResponse:
     """GET ?card=<id> shows that card's versions and cases; POST launches one run per chosen
     provider (several form a comparison group) and leads to the run or the comparison."""
     card_id = request.POST.get("card") or request.GET.get("card")
@@ -76,32 +77,16 @@ def launch(request):
         card = PromptCard.objects.order_by("name").first()
     form = LaunchForm(request.POST or None, card=card)
     if request.method == "POST" and form.is_valid():
-        data = form.cleaned_data
-        providers = list(data["providers"])
-        group = uuid.uuid4() if len(providers) > 1 else None
         try:
-            with transaction.atomic():  # all runs of a comparison, or none
-                runs = [
-                    services.launch_run(
-                        card=data["card"],
-                        provider=provider,
-                        user=request.user,
-                        cases=data["selected_cases"],
-                        version=data["version"],
-                        priority=data["priority"],
-                        comparison_group=group,
-                        **form.config(),
-                    )
-                    for provider in providers
-                ]
-        except services.LaunchError as exc:
+            runs = launching.launch_runs(user=request.user, **form.launch_arguments())
+        except launching.LaunchError as exc:
             form.add_error(None, str(exc))
         else:
-            if group is None:
+            if len(runs) == 1:
                 messages.success(request, f"Run #{runs[0].pk} queued.")
                 return redirect(runs[0])
             messages.success(request, f"{len(runs)} runs queued for comparison.")
-            return redirect("comparison", group=group)
+            return redirect("comparison", group=runs[0].comparison_group)
     return render(
         request,
         "testruns/launch.html",
@@ -117,40 +102,40 @@ def launch(request):
 
 
 @require_GET
-def run_detail(request, pk):
+def run_detail(request, pk) -> HttpResponse:
     run = _run_or_404(request, pk)
     return render(
         request,
         "testruns/run_detail.html",
         {
             "run": run,
-            "can_cancel": selectors.can_cancel(request.user, run),
-            "live_rows": selectors.LIVE_ROWS,
+            "can_cancel": can_cancel(request.user, run),
+            "live_rows": snapshots.LIVE_ROWS,
         },
     )
 
 
 @require_GET
-def run_status(request, pk):
+def run_status(request, pk) -> HttpResponse:
     """The page's fallback when it has no WebSocket: the same snapshot, polled."""
-    return JsonResponse(selectors.run_snapshot(_run_or_404(request, pk)))
+    return JsonResponse(snapshots.run_snapshot(_run_or_404(request, pk)))
 
 
 @require_GET
-def run_results(request, pk):
+def run_results(request, pk) -> HttpResponse:
     """Finished results by position, a page at a time, beyond what the live page keeps."""
     run = _run_or_404(request, pk)
     return JsonResponse(
-        selectors.result_page(run, page=_page_number(request), status=request.GET.get("status"))
+        snapshots.result_page(run, page=_page_number(request), status=request.GET.get("status"))
     )
 
 
 @require_POST
-def run_cancel(request, pk):
+def run_cancel(request, pk) -> HttpResponse:
     run = _run_or_404(request, pk)
     if not request.user.has_perm("testruns.cancel_testrun"):
         return HttpResponseForbidden("You may not cancel runs.")
-    cancelled = services.cancel_run(run, user=request.user)
+    cancelled = launching.cancel_run(run, user=request.user)
     if request.headers.get("Accept") == "application/json":
         return JsonResponse({"cancelled": cancelled})
     if cancelled:
@@ -164,10 +149,10 @@ def run_cancel(request, pk):
 
 
 @require_GET
-def history(request):
+def history(request) -> HttpResponse:
     form = HistoryFilterForm(request.GET or None, user=request.user)
     filters = form.cleaned_data if form.is_valid() else {}
-    runs = selectors.filter_runs(
+    runs = filter_runs(
         runs_visible_to(request.user), **{key: value for key, value in filters.items() if value}
     )
     page = Paginator(runs.order_by("-queued_at", "-pk"), HISTORY_PAGE_SIZE).get_page(
@@ -176,12 +161,12 @@ def history(request):
     card_ids = list(dict.fromkeys(run.card_id for run in page))[:TREND_CHARTS]
     if filters.get("card"):
         card_ids = [filters["card"].pk]
-    trend_runs = selectors.filter_runs(
+    trend_runs = filter_runs(
         runs_visible_to(request.user),
         provider=filters.get("provider"),
         launcher=filters.get("launcher"),
     )
-    trends = selectors.card_trends(trend_runs, card_ids)
+    trends = card_trends(trend_runs, card_ids)
     names = dict(PromptCard.objects.filter(pk__in=card_ids).values_list("pk", "name"))
     charts = [
         {"card": names[card_id], "chart": trend_chart(points)}
@@ -246,13 +231,13 @@ def trend_chart(points: list[dict], width: int = 560, height: int = 150) -> dict
 
 
 @require_GET
-def report(request, pk):
+def report(request, pk) -> HttpResponse:
     run = _run_or_404(request, pk)
     baseline = None
     if request.GET.get("baseline"):
         baseline = get_run_for_user(request.user, request.GET["baseline"])
-    baseline = baseline or selectors.baseline_for(request.user, run)
-    changes = selectors.changes_since(baseline, run) if baseline else None
+    baseline = baseline or baseline_for(request.user, run)
+    changes = changes_since(baseline, run) if baseline else None
     marks = {}
     if changes:
         marks = {c.key: "regression" for c in changes["regressions"]} | {
@@ -263,17 +248,15 @@ def report(request, pk):
     if status:
         results = results.filter(status=status)
     page = Paginator(results, REPORT_PAGE_SIZE).get_page(request.GET.get("page"))
-    rows = [
-        (result, marks.get(selectors.case_key(result.case_id, result.case_name))) for result in page
-    ]
+    rows = [(result, marks.get(case_key(result.case_id, result.case_name))) for result in page]
     return render(
         request,
         "testruns/report.html",
         {
             "run": run,
-            "stats": selectors.run_statistics(run),
+            "stats": run_statistics(run),
             "baseline": baseline,
-            "baseline_stats": selectors.run_statistics(baseline) if baseline else None,
+            "baseline_stats": run_statistics(baseline) if baseline else None,
             "changes": changes,
             "page": page,
             "rows": rows,
@@ -285,12 +268,12 @@ def report(request, pk):
 
 
 @require_POST
-def pin_baseline(request, pk):
+def pin_baseline(request, pk) -> HttpResponse:
     run = _run_or_404(request, pk)
     if not request.user.has_perm("testruns.change_promptcard"):
         return HttpResponseForbidden("You may not change cards.")
     unpin = request.POST.get("unpin") == "1"
-    PromptCard.objects.filter(pk=run.card_id).update(baseline_run=None if unpin else run)
+    cards.pin_baseline(run.card, None if unpin else run)
     messages.success(
         request,
         f"{run.card.name}: baseline " + ("unpinned." if unpin else f"pinned to run #{run.pk}."),
@@ -303,7 +286,7 @@ def _download_name(run: TestRun, extension: str) -> str:
 
 
 @require_GET
-def report_csv(request, pk):
+def report_csv(request, pk) -> StreamingHttpResponse:
     run = _run_or_404(request, pk)
     response = StreamingHttpResponse(run_csv.csv_rows(run), content_type="text/csv")
     response["Content-Disposition"] = f'attachment; filename="{_download_name(run, "csv")}"'
@@ -311,7 +294,7 @@ def report_csv(request, pk):
 
 
 @require_GET
-def report_json(request, pk):
+def report_json(request, pk) -> HttpResponse:
     run = _run_or_404(request, pk)
     response = JsonResponse(run_json(run), json_dumps_params={"indent": 2})
     response["Content-Disposition"] = f'attachment; filename="{_download_name(run, "json")}"'
@@ -319,7 +302,7 @@ def report_json(request, pk):
 
 
 @require_GET
-def report_junit(request, pk):
+def report_junit(request, pk) -> HttpResponse:
     run = _run_or_404(request, pk)
     response = HttpResponse(junit_xml(run), content_type="application/xml")
     response["Content-Disposition"] = f'attachment; filename="{_download_name(run, "xml")}"'
@@ -330,7 +313,7 @@ def report_junit(request, pk):
 
 
 @require_GET
-def compare(request):
+def compare(request) -> HttpResponse:
     """Any two or more runs side by side: GET ?runs=1,2,3[&diff=1]."""
     ids = [part for part in request.GET.get("runs", "").replace(" ", "").split(",") if part]
     runs = [get_run_for_user(request.user, pk) for pk in dict.fromkeys(ids)]
@@ -339,7 +322,7 @@ def compare(request):
 
 
 @require_GET
-def comparison(request, group):
+def comparison(request, group) -> HttpResponse:
     runs = list(
         runs_visible_to(request.user)
         .filter(comparison_group=group)
@@ -352,9 +335,9 @@ def comparison(request, group):
 
 def _compare_page(request, runs: list[TestRun], *, group):
     differences_only = request.GET.get("diff") == "1"
-    rows = selectors.side_by_side(runs, differences_only=differences_only) if runs else []
+    rows = side_by_side(runs, differences_only=differences_only) if runs else []
     page = Paginator(rows, COMPARE_PAGE_SIZE).get_page(request.GET.get("page"))
-    selectors.fill_cells(runs, list(page))
+    fill_cells(runs, list(page))
     query = request.GET.copy()
     query.pop("page", None)
     return render(

@@ -9,14 +9,16 @@ from django.core.management.base import BaseCommand
 
 
 class Command(BaseCommand):
-    help = ("Make sure an admin superuser exists. A new one gets a generated password, "
-            "printed once and kept in the password file (readable by the owner only).")
+    help = (
+        "Make sure an admin superuser exists. A new one gets a generated password, "
+        "printed once and kept in the password file (readable by the owner only)."
+    )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser) -> None:
         parser.add_argument("--username", default="admin")
         parser.add_argument("--password-file", required=True, type=Path)
 
-    def handle(self, *args, username, password_file: Path, **options):
+    def handle(self, *args, username, password_file: Path, **options) -> None:
         User = get_user_model()
         user = User.objects.filter(username=username).first()
         if user is None:

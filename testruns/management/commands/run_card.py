@@ -17,13 +17,25 @@ import time
 from pathlib import Path
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.management.base import BaseCommand, CommandError
 
-from testruns.engine import services
+from testruns.engine import launching, run_settings
+from testruns.live import snapshots
 from testruns.models import PromptCard, Provider, TestRun
-from testruns.reporting import formats, selectors
+from testruns.reporting import formats
+from testruns.reporting.statistics import pass_rate
 
 EX_USAGE = 2
+# The run settings this command sets: TestRun's field -> (option, its dest). Their defaults
+# and bounds are the model's (engine.run_settings), as on the launch page and in the API.
+SETTING_OPTIONS = {
+    "max_concurrent_tests": ("--max-concurrent", "max_concurrent"),
+    "timeout_seconds": ("--case-timeout", "case_timeout"),
+    "max_retries": ("--max-retries", "max_retries"),
+    "repeats": ("--repeats", "repeats"),
+    "priority": ("--priority", "priority"),
+}
 EX_TEMPFAIL = 75  # sysexits.h: "temporary failure", e.g. a full queue
 BAR_WIDTH = 20
 
@@ -54,6 +66,21 @@ class Command(BaseCommand):
             help="Only enabled cases with this tag; repeat for any of several.",
         )
         parser.add_argument(
+            "--case",
+            action="append",
+            type=int,
+            default=[],
+            metavar="ID",
+            help="Only the test case with this id (even if disabled); repeat for several.",
+        )
+        # Not --version: every Django command has that one (it prints Django's version).
+        parser.add_argument(
+            "--prompt-version",
+            type=int,
+            metavar="N",
+            help="Run the card's version N (v1, v2, ... as runs show it). Default: the latest.",
+        )
+        parser.add_argument(
             "--wait",
             action="store_true",
             help="Follow the runs until they finish (implied by --junit, --json and --timeout).",
@@ -73,31 +100,37 @@ class Command(BaseCommand):
             metavar="SECONDS",
             help="Stop waiting after this long: cancel the runs and exit 1.",
         )
-        parser.add_argument("--priority", type=int, default=0, help="Higher runs first.")
-        parser.add_argument(
-            "--max-concurrent",
+        add_setting(parser, "priority", type=int, metavar="P", help="Higher runs first")
+        add_setting(
+            parser,
+            "max_concurrent_tests",
             type=int,
-            default=4,
             metavar="N",
-            help="Cases of one run in flight at once (default 4).",
+            help="Cases of one run in flight at once",
         )
-        parser.add_argument(
-            "--case-timeout",
+        add_setting(
+            parser,
+            "timeout_seconds",
             type=float,
-            default=60.0,
             metavar="SECONDS",
-            help="Timeout of one provider call (default 60).",
+            help="Timeout of one provider call",
         )
-        parser.add_argument(
-            "--max-retries",
+        add_setting(
+            parser,
+            "max_retries",
             type=int,
-            default=2,
             metavar="N",
-            help="Retries of a call after 429, 5xx or a network error.",
+            help="Retries of a call after 429, 5xx or a network error",
         )
         parser.add_argument("--stop-on-failure", action="store_true")
         parser.add_argument("--cache", action="store_true", help="Use the response cache.")
-        parser.add_argument("--repeats", type=int, default=1, metavar="N")
+        add_setting(
+            parser,
+            "repeats",
+            type=int,
+            metavar="N",
+            help="Times each case asks the model; it passes when every repeat passes",
+        )
         parser.add_argument("--user", metavar="USERNAME", help="Launch as this user.")
         parser.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS")
 
@@ -112,10 +145,12 @@ class Command(BaseCommand):
         user = find_user(options["user"])
         check_options(options)
         try:
-            runs = services.launch_runs(
+            runs = launching.launch_runs(
                 cards=[card],
                 providers=providers,
                 user=user,
+                version=options["prompt_version"],
+                case_ids=options["case"] or None,
                 tags=options["tag"] or None,
                 priority=options["priority"],
                 max_concurrent_tests=options["max_concurrent"],
@@ -125,9 +160,9 @@ class Command(BaseCommand):
                 use_cache=options["cache"],
                 repeats=options["repeats"],
             )
-        except services.QueueFull as exc:
+        except launching.QueueFull as exc:
             raise CommandError(str(exc), returncode=EX_TEMPFAIL) from None
-        except services.LaunchError as exc:
+        except launching.LaunchError as exc:
             raise CommandError(str(exc), returncode=EX_USAGE) from None
         for run in runs:
             self.stderr.write(
@@ -145,7 +180,7 @@ class Command(BaseCommand):
         watcher = RunWatcher(runs, self.stderr, poll_interval=options["poll_interval"])
         reason = watcher.wait(timeout=options["timeout"])
         if reason is not None:
-            cancelled = [run.pk for run in watcher.runs if services.cancel_run(run)]
+            cancelled = [run.pk for run in watcher.runs if launching.cancel_run(run)]
             watcher.finish_line()
             self.stderr.write(
                 f"{reason}: cancelled run(s) {', '.join(f'#{pk}' for pk in cancelled) or 'none'}."
@@ -183,6 +218,20 @@ class Command(BaseCommand):
             self.stderr.write(f"JSON report: {options['json']}")
 
 
+def add_setting(parser, name: str, *, help: str, **kwargs) -> None:
+    """An option for run setting `name`, with the model field's default and bounds."""
+    flag, dest = SETTING_OPTIONS[name]
+    bounds = run_settings.bounds(name)
+    default = run_settings.default(name)
+    parser.add_argument(
+        flag,
+        dest=dest,
+        default=default,
+        help=f"{help} (default {default:g}; {bounds.min_value:g} to {bounds.max_value:g}).",
+        **kwargs,
+    )
+
+
 def find_card(key: str) -> PromptCard:
     card = PromptCard.objects.filter(slug=key).first()
     if card is None and key.isdigit():
@@ -215,7 +264,7 @@ def find_providers(keys: list[str]) -> list[Provider]:
     return providers
 
 
-def find_user(username: str | None):
+def find_user(username: str | None) -> AbstractBaseUser | None:
     if username is None:
         return None
     user = get_user_model().objects.filter(username=username).first()
@@ -227,26 +276,24 @@ def find_user(username: str | None):
 def check_options(options: dict) -> None:
     problems = []
     if not 0 <= options["fail_under"] <= 100:
-        problems.append("--fail-under is a percentage from 0 to 100")
+        problems.append("--fail-under is a percentage from 0 to 100.")
     if options["timeout"] is not None and options["timeout"] <= 0:
-        problems.append("--timeout must be positive")
-    if not 1 <= options["max_concurrent"] <= 1000:
-        problems.append("--max-concurrent must be from 1 to 1000")
-    if not 0 < options["case_timeout"] <= 86_400:
-        problems.append("--case-timeout must be positive")
-    if not 0 <= options["max_retries"] <= 20 or not 1 <= options["repeats"] <= 100:
-        problems.append("--max-retries is 0 to 20 and --repeats 1 to 100")
-    if not -100 <= options["priority"] <= 100:
-        problems.append("--priority is from -100 to 100")
+        problems.append("--timeout must be positive.")
     if options["poll_interval"] <= 0:
-        problems.append("--poll-interval must be positive")
+        problems.append("--poll-interval must be positive.")
+    # The run settings' bounds are the model's, refused in its validators' words.
+    for name, (flag, dest) in SETTING_OPTIONS.items():
+        problems.extend(
+            f"{flag}: {message}" for message in run_settings.setting_errors(name, options[dest])
+        )
     if problems:
-        raise CommandError("; ".join(problems) + ".", returncode=EX_USAGE)
+        raise CommandError(" ".join(problems), returncode=EX_USAGE)
 
 
 def summary_line(run: TestRun) -> str:
     evaluated = run.passed_count + run.failed_count + run.error_count
-    rate = f"{100 * run.passed_count / evaluated:.0f}%" if evaluated else "n/a"
+    fraction = pass_rate(run.passed_count, run.failed_count, run.error_count)
+    rate = f"{100 * fraction:.0f}%" if fraction is not None else "n/a"
     return (
         f"run #{run.pk} {run.card.slug} on {run.provider.name}: {run.status}, "
         f"{run.passed_count} passed, {run.failed_count} failed, {run.error_count} error, "
@@ -321,8 +368,8 @@ class RunWatcher:
     def show(self, runs: list[TestRun]) -> None:
         positions: dict[int, int] = {}
         if any(run.status == TestRun.Status.QUEUED for run in runs):
-            queue = selectors.queue_state()
-            positions = {run.pk: selectors.position_in(queue, run.pk) for run in runs}
+            queue = snapshots.queue_state()
+            positions = {run.pk: snapshots.position_in(queue, run.pk) for run in runs}
         line = " | ".join(progress_text(run, positions.get(run.pk)) for run in runs)
         if line == self.last_line:
             return

@@ -8,94 +8,27 @@ with the next. Progress is coalesced: at most one progress event per run per
 PROGRESS_INTERVAL, however fast cases finish; status changes are always sent, and the
 sweeper flushes what a quiet spell left unannounced. A failed publish is logged and never
 fails the caller: pages resynchronise from a snapshot.
+
+Called only from services and actors (the engine); the messages' shapes are `live.wire`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import connection, transaction
+from dramatiq.asyncio import get_event_loop_thread
+
+from testruns.live import wire
+from testruns.live.snapshots import queue_state
 
 log = logging.getLogger(__name__)
 
-QUEUE_GROUP = "queue"
 PUBLISH_TIMEOUT_SECONDS = 2.0
 PROGRESS_INTERVAL_MS = 250
-EVENT_RESULT_LIMIT = 200
-TEXT_PREVIEW = 500
-DONE = ("passed", "failed", "error", "skipped")
-
-RUN_STATE = [
-    "seq",
-    "status",
-    "phase",
-    "total_cases",
-    "done_count",
-    "passed_count",
-    "failed_count",
-    "error_count",
-    "tokens_in",
-    "tokens_out",
-    "cost",
-]
-# Columns of the run row behind RUN_STATE (cost as a float: events travel as msgpack).
-RUN_STATE_COLUMNS = (
-    "event_seq, status, phase, total_cases, done_count, passed_count, "
-    "failed_count, error_count, tokens_in, tokens_out, cost::float8"
-)
-RESULT_ROW = [
-    "id",
-    "position",
-    "case_name",
-    "status",
-    "output",
-    "error",
-    "latency_ms",
-    "tokens_in",
-    "tokens_out",
-    "cost",
-    "assertion_results",
-    "attempts",
-    "cached",
-    "repeats",
-]
-# Each repeat's verdict and the start of its output (pass^N runs), for the page's compact
-# "repeat 1 ✓ 2 ✗" line; the whole outputs are on the report.
-REPEATS_PREVIEW = (
-    "COALESCE((SELECT jsonb_agg(jsonb_build_object('passed', e.r->'passed', 'output', "
-    "left(e.r->>'output', {preview})) ORDER BY e.n) FROM jsonb_array_elements(CASE WHEN "
-    "jsonb_typeof({p}repeat_results) = 'array' THEN {p}repeat_results ELSE '[]' END) "
-    "WITH ORDINALITY AS e(r, n)), '[]'::jsonb)"
-)
-
-
-def run_group(run_id: int) -> str:
-    return f"run.{run_id}"
-
-
-def result_columns(alias: str = "") -> str:
-    """The columns of a result row as pages see it (long texts cut to a preview)."""
-    p = f"{alias}." if alias else ""
-    return (
-        f"{p}id, {p}position, {p}case_name, {p}status, left({p}output, {TEXT_PREVIEW}), "
-        f"left({p}error, {TEXT_PREVIEW}), {p}latency_ms, {p}tokens_in, {p}tokens_out, "
-        f"{p}cost::float8, {p}assertion_results, {p}attempts, {p}cached, "
-        + REPEATS_PREVIEW.format(p=p, preview=TEXT_PREVIEW)
-    )
-
-
-def result_row(values) -> dict:
-    """A row of result_columns() as pages see it (jsonb arrives as text from Django's
-    psycopg connection)."""
-    row = dict(zip(RESULT_ROW, values, strict=True))
-    for name in ("assertion_results", "repeats"):
-        if isinstance(row[name], str):
-            row[name] = json.loads(row[name])
-    return row
 
 
 def announce(run_id: int, *, kind: str = "status", force: bool = True) -> None:
@@ -107,31 +40,21 @@ def announce(run_id: int, *, kind: str = "status", force: bool = True) -> None:
             "UPDATE testruns_testrun SET event_seq = event_seq + 1, "
             "last_event_at = clock_timestamp() WHERE id = %s AND (%s OR last_event_at IS NULL "
             "OR last_event_at < clock_timestamp() - make_interval(secs => %s)) "
-            f"RETURNING {RUN_STATE_COLUMNS}",
+            f"RETURNING {wire.RUN_STATE_COLUMNS}",
             [run_id, force, PROGRESS_INTERVAL_MS / 1000],
         )
         row = cursor.fetchone()
         if row is None:
             return
-        state = dict(zip(RUN_STATE, row, strict=True))
+        state = wire.run_state(row)
         cursor.execute(
             f"UPDATE testruns_testresult SET announced_seq = %s WHERE run_id = %s "
-            f"AND announced_seq IS NULL AND status = ANY(%s) RETURNING {result_columns()}",
-            [state["seq"], run_id, list(DONE)],
+            f"AND announced_seq IS NULL AND status = ANY(%s) RETURNING {wire.result_columns()}",
+            [state["seq"], run_id, list(wire.DONE)],
         )
-        results = sorted(map(result_row, cursor.fetchall()), key=lambda r: r["position"])
-    message = {
-        "type": "run.event",
-        "kind": kind,
-        "seq": state.pop("seq"),
-        "run_id": run_id,
-        "data": {
-            "run": state,
-            "results": results[-EVENT_RESULT_LIMIT:],
-            "more_results": max(0, len(results) - EVENT_RESULT_LIMIT),
-        },
-    }
-    transaction.on_commit(lambda: publish(run_group(run_id), message))
+        results = sorted(map(wire.result_row, cursor.fetchall()), key=lambda r: r["position"])
+    message = wire.run_event_message(run_id, kind, state, results)
+    transaction.on_commit(lambda: publish(wire.run_group(run_id), message))
 
 
 def flush_unannounced() -> int:
@@ -141,7 +64,7 @@ def flush_unannounced() -> int:
         cursor.execute(
             "SELECT DISTINCT run_id FROM testruns_testresult WHERE announced_seq IS NULL "
             "AND status = ANY(%s)",
-            [list(DONE)],
+            [list(wire.DONE)],
         )
         run_ids = [row[0] for row in cursor.fetchall()]
     for run_id in run_ids:
@@ -169,19 +92,19 @@ def publish_queue_changed() -> None:
 
 
 def publish_queue_state() -> None:
-    from testruns.reporting.selectors import queue_state
-
+    """Read the queue now and broadcast it (what publish_queue_changed runs after commit)."""
     try:
         state = queue_state()
     except Exception:  # a broadcast never fails the launch, promotion or cancel behind it
         log.warning("reading the queue for a broadcast failed", exc_info=True)
         return
-    publish(QUEUE_GROUP, {"type": "queue.changed", **state})
+    publish(wire.QUEUE_GROUP, wire.queue_changed_message(state))
 
 
 def publish(group: str, message: dict) -> None:
+    """Send one message to a group through the channel layer; log, never raise, on failure."""
     try:
-        loop_thread = _worker_event_loop()
+        loop_thread = get_event_loop_thread()
         if loop_thread is not None:
             # In a Dramatiq worker: reuse its one event loop, hence one Redis connection pool.
             loop_thread.run_coroutine(_send(group, message))
@@ -195,9 +118,3 @@ async def _send(group: str, message: dict) -> None:
     layer = get_channel_layer()
     if layer is not None:
         await asyncio.wait_for(layer.group_send(group, message), PUBLISH_TIMEOUT_SECONDS)
-
-
-def _worker_event_loop():
-    from dramatiq.asyncio import get_event_loop_thread
-
-    return get_event_loop_thread()

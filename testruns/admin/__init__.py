@@ -1,0 +1,12 @@
+"""The admin, where users keep cards, cases and providers. Declarative where it can be; the
+few custom steps call services, so the admin does what the pages and the API do.
+
+One module per family of models: `cards` (cards, their cases and versions, import and
+export), `providers`, `runs` (runs and their results; launching from the cards' list) and
+`semaphores` (the gate's limits). Django's autodiscover imports this package, and importing
+the modules here registers their ModelAdmins.
+"""
+
+from __future__ import annotations
+
+from testruns.admin import cards, providers, runs, semaphores  # noqa: F401

@@ -1,0 +1,282 @@
+"""Prompt cards in the admin: their test cases and version history inline, filters by tag
+and last run, launching runs, duplicating, export, and the import page."""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.http import HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import path, reverse
+from django.utils.html import format_html
+from django.utils.text import slugify
+
+from testruns.admin.runs import LaunchForm, LaunchPermissionMixin
+from testruns.catalog import card_files, cards
+from testruns.engine import launching
+from testruns.models import PromptCard, PromptVersion, TestCase, TestRun
+from testruns.reporting import statistics
+
+
+class TestCaseInline(admin.StackedInline):
+    model = TestCase
+    extra = 0
+    fields = [("name", "enabled", "order"), "variables", "assertions", ("threshold", "tags")]
+
+
+class PromptVersionInline(admin.TabularInline):
+    model = PromptVersion
+    extra = 0
+    can_delete = False
+    fields = ["number", "created_at", "author", "change_note", "template"]
+    readonly_fields = fields
+    ordering = ["-number"]
+    verbose_name_plural = "Version history (read-only)"
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class TagFilter(admin.SimpleListFilter):
+    title = "tag"
+    parameter_name = "tag"
+
+    def lookups(self, request, model_admin) -> list[tuple[str, str]]:
+        tags = sorted(
+            {tag for tags in PromptCard.objects.values_list("tags", flat=True) for tag in tags}
+        )
+        return [(tag, tag) for tag in tags]
+
+    def queryset(self, request, queryset) -> QuerySet[PromptCard]:
+        return queryset.filter(tags__contains=[self.value()]) if self.value() else queryset
+
+
+class LastStatusFilter(admin.SimpleListFilter):
+    title = "last run status"
+    parameter_name = "last_status"
+
+    def lookups(self, request, model_admin) -> list[tuple[str, str]]:
+        return [*TestRun.Status.choices, ("never", "Never run")]
+
+    def queryset(self, request, queryset) -> QuerySet[PromptCard]:
+        if self.value() == "never":
+            return queryset.filter(last_status=None)
+        return queryset.filter(last_status=self.value()) if self.value() else queryset
+
+
+class PromptCardForm(forms.ModelForm):
+    change_note = forms.CharField(
+        required=False,
+        max_length=300,
+        help_text="Why the prompt changed; kept with the new version.",
+    )
+
+    class Meta:
+        model = PromptCard
+        fields = "__all__"
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        try:  # the baseline's rule is the pin's (the report page's and the API's)
+            cards.check_baseline(self.instance, cleaned.get("baseline_run"))
+        except ValidationError as exc:
+            self.add_error(None, exc)
+        return cleaned
+
+
+class ImportForm(forms.Form):
+    file = forms.FileField(help_text="YAML, JSON (ours or promptfoo's) or CSV of test cases.")
+    card = forms.ModelChoiceField(
+        queryset=PromptCard.objects.all(),
+        required=False,
+        help_text="For CSV files: the card the cases belong to.",
+    )
+
+
+@admin.register(PromptCard)
+class PromptCardAdmin(LaunchPermissionMixin, admin.ModelAdmin):
+    list_display = ["name", "slug", "tag_list", "owner", "last_status", "pass_rate", "updated_at"]
+    list_select_related = ["owner"]
+    search_fields = ["name", "slug", "description", "template"]
+    list_filter = [TagFilter, ("owner", admin.RelatedOnlyFieldListFilter), LastStatusFilter]
+    form = PromptCardForm
+    prepopulated_fields = {"slug": ["name"]}
+    fieldsets = [
+        (None, {"fields": ["name", "slug", "description", "tags", "owner"]}),
+        (
+            "Prompt",
+            {
+                "fields": ["system_prompt", "template", "change_note"],
+                "description": "Saving a changed prompt creates a new immutable version.",
+            },
+        ),
+        (
+            "Grading",
+            {
+                "fields": ["grader_provider"],
+                "description": "Who grades llm-rubric assertions; a launch may name "
+                "another provider.",
+            },
+        ),
+        ("Reports", {"fields": ["baseline_run"], "classes": ["collapse"]}),
+    ]
+    raw_id_fields = ["baseline_run"]
+    inlines = [TestCaseInline, PromptVersionInline]
+    actions = ["launch_runs", "duplicate_cards", "export_yaml", "export_json"]
+    change_list_template = "admin/testruns/promptcard/change_list.html"
+
+    def get_queryset(self, request) -> QuerySet[PromptCard]:
+        finished = (
+            TestRun.objects.filter(card=OuterRef("pk"))
+            .exclude(status__in=[TestRun.Status.QUEUED, TestRun.Status.RUNNING])
+            .order_by("-finished_at", "-pk")
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                last_status=Subquery(finished.values("status")[:1]),
+                last_passed=Subquery(finished.values("passed_count")[:1]),
+                last_failed=Subquery(finished.values("failed_count")[:1]),
+                last_errors=Subquery(finished.values("error_count")[:1]),
+            )
+        )
+
+    @admin.display(description="tags")
+    def tag_list(self, card) -> str:
+        return ", ".join(card.tags)
+
+    @admin.display(description="last run", ordering="last_status")
+    def last_status(self, card) -> str:
+        return card.last_status or "never run"
+
+    @admin.display(description="pass rate")
+    def pass_rate(self, card) -> str:
+        rate = statistics.pass_rate(
+            card.last_passed or 0, card.last_failed or 0, card.last_errors or 0
+        )
+        return "–" if rate is None else f"{100 * rate:.0f} %"
+
+    def save_model(self, request, obj, form, change) -> None:
+        # save_card instead of obj.save(): it also snapshots the version (and gives a new card
+        # its owner), as the API and imports do. save_related then saves the cases as usual.
+        cards.save_card(obj, user=request.user, note=form.cleaned_data.get("change_note", ""))
+
+    @admin.action(description="Launch run", permissions=["launch"])
+    def launch_runs(self, request, queryset) -> HttpResponse | None:
+        """Ask for the providers and settings, then launch through launching.launch_runs:
+        all the runs or none, several as one comparison group (as the launch page)."""
+        form = LaunchForm(request.POST if "launch" in request.POST else None)
+        if form.is_valid():
+            try:
+                runs = launching.launch_runs(user=request.user, **form.launch_arguments(queryset))
+            except launching.LaunchError as exc:
+                form.add_error(None, str(exc))
+            else:
+                self.message_user(request, f"Queued {len(runs)} run(s).", messages.SUCCESS)
+                if len(runs) == 1:
+                    return redirect(runs[0])
+                return redirect("comparison", group=runs[0].comparison_group)
+        return render(
+            request,
+            "admin/testruns/launch_runs.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "Launch runs",
+                "cards": queryset,
+                "form": form,
+                "opts": self.model._meta,
+                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+            },
+        )
+
+    @admin.action(description="Duplicate card", permissions=["add"])
+    def duplicate_cards(self, request, queryset) -> None:
+        for card in queryset:
+            copy = cards.duplicate_card(card, user=request.user)
+            self.message_user(
+                request,
+                format_html(
+                    'Created <a href="{}">{}</a>.',
+                    reverse("admin:testruns_promptcard_change", args=[copy.pk]),
+                    copy.name,
+                ),
+            )
+
+    @admin.action(description="Export as YAML")
+    def export_yaml(self, request, queryset) -> HttpResponse:
+        return self._export(queryset, "yaml", "application/yaml")
+
+    @admin.action(description="Export as JSON")
+    def export_json(self, request, queryset) -> HttpResponse:
+        return self._export(queryset, "json", "application/json")
+
+    def _export(self, queryset, fmt, content_type):
+        cards = list(queryset.prefetch_related("cases"))
+        name = slugify(cards[0].slug) if len(cards) == 1 else "prompt-cards"
+        response = HttpResponse(card_files.export_cards(cards, fmt), content_type=content_type)
+        response["Content-Disposition"] = f'attachment; filename="{name}.{fmt}"'
+        return response
+
+    def get_urls(self) -> list:
+        return [
+            path(
+                "import/",
+                self.admin_site.admin_view(self.import_view),
+                name="testruns_promptcard_import",
+            ),
+            *super().get_urls(),
+        ]
+
+    def import_view(self, request) -> HttpResponse:
+        if not self.has_add_permission(request):
+            return redirect("admin:testruns_promptcard_changelist")
+        form = ImportForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            upload = form.cleaned_data["file"]
+            try:
+                # The card matters only for a CSV of cases; YAML and JSON name their cards.
+                card = form.cleaned_data["card"] if upload.name.lower().endswith(".csv") else None
+                report = card_files.import_cards(
+                    upload.read(), filename=upload.name, user=request.user, card=card
+                )
+            except card_files.CardFileError as exc:
+                for error in exc.errors:
+                    form.add_error("file", error)
+            else:
+                self.message_user(request, report.summary(), messages.SUCCESS)
+                return redirect("admin:testruns_promptcard_changelist")
+        return render(
+            request,
+            "admin/testruns/promptcard/import.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "Import cards and test cases",
+                "form": form,
+                "opts": self.model._meta,
+            },
+        )
+
+
+@admin.register(PromptVersion)
+class PromptVersionAdmin(admin.ModelAdmin):
+    """Versions are history: viewable, never edited or deleted."""
+
+    list_display = ["card", "number", "author", "created_at", "change_note"]
+    list_select_related = ["card", "author"]
+    list_filter = [("card", admin.RelatedOnlyFieldListFilter)]
+    search_fields = ["card__name", "change_note"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -1,0 +1,36 @@
+"""The layout keeps its promises: every import inside a function says why it is not at the
+top (the import contract itself runs in `make lint`)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+SOURCES = [ROOT / "testruns", ROOT / "project"]
+
+
+def imports_inside_functions(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Import | ast.ImportFrom):
+                    found.append((inner.lineno, ast.unparse(inner)))
+    return found
+
+
+def test_every_import_inside_a_function_has_a_comment_saying_why():
+    unexplained = []
+    for source in SOURCES:
+        for path in sorted(source.rglob("*.py")):
+            if "migrations" in path.parts:
+                continue
+            lines = path.read_text().splitlines()
+            for lineno, statement in imports_inside_functions(path):
+                before = lines[lineno - 2].strip() if lineno >= 2 else ""
+                if not before.startswith("#"):
+                    unexplained.append(f"{path.relative_to(ROOT)}:{lineno}: {statement}")
+    assert unexplained == [], "\n".join(unexplained)
