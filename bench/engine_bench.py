@@ -28,10 +28,14 @@ import django  # noqa: E402
 
 django.setup()
 
+import multiprocessing
+
 import psutil  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
+from dramatiq.rate_limits import ConcurrentRateLimiter
+from dramatiq.rate_limits.backends import RedisBackend
 
 from project.embedded import die_with_parent  # noqa: E402
 from testruns.catalog import cards  # noqa: E402
@@ -45,6 +49,7 @@ from testruns.models import (  # noqa: E402
     TestResult,
     TestRun,
 )
+from tests.fake_llm import FakeLLMServer
 
 DURATION = float(os.environ.get("BENCH_SECONDS", "5"))
 CONTENDERS = 16
@@ -174,9 +179,6 @@ def bench_pairs() -> None:
         ">= 1,000",
     )
 
-    from dramatiq.rate_limits import ConcurrentRateLimiter
-    from dramatiq.rate_limits.backends import RedisBackend
-
     def acquire_release(n: int, stop: threading.Event) -> int:
         limiter = ConcurrentRateLimiter(
             RedisBackend(url=settings.REDIS_URL), "bench", limit=CONTENDERS
@@ -196,7 +198,6 @@ def bench_pairs() -> None:
 
 def contend(work, processes: int = 4, threads: int = 4) -> float:
     """Run work(n, stop) in processes x threads for DURATION seconds; total calls per second."""
-    import multiprocessing
 
     connection.close()  # never share a connection across fork
     results = multiprocessing.get_context("fork").Queue()
@@ -235,7 +236,6 @@ def bench_handover() -> None:
     """Run limit 1, 200 runs waiting behind a running one. For each run, from the database
     time its predecessor finished (and released the slot) to the moment its first provider
     call reached the fake OpenAI server."""
-    from tests.fake_llm import FakeLLMServer
 
     reset()
     server = FakeLLMServer().start()

@@ -50,6 +50,8 @@ from django.contrib.sessions.backends.db import SessionStore  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
 from django.db.models import F  # noqa: E402
+from dramatiq.asyncio import EventLoopThread, set_event_loop_thread
+from websockets.asyncio.client import connect
 
 from project.embedded import die_with_parent, free_port, port_is_open  # noqa: E402
 from testruns.catalog import cards  # noqa: E402
@@ -86,7 +88,6 @@ def pages_process(
 
 
 async def _pages(host, cookie, paths, mode, rounds, out) -> None:
-    from websockets.asyncio.client import connect
 
     headers = {"Cookie": cookie, "Origin": f"http://{host}"}
     sockets = []
@@ -192,7 +193,6 @@ def make_card(cases: int) -> PromptCard:
 
 def worker_event_loop():
     """Publish as a worker process does: through one Dramatiq AsyncIO event-loop thread."""
-    from dramatiq.asyncio import EventLoopThread, set_event_loop_thread
 
     thread = EventLoopThread(logger=logging.getLogger("bench.event_loop"))
     thread.start()

@@ -15,10 +15,13 @@ import pytest
 import redis
 from django.conf import settings
 from django.contrib.auth.models import Permission
+from django.db import connection
+from django.db.models import Count
 
 from project.embedded import free_port, port_is_open
 from testruns.catalog.cards import snapshot_version
-from testruns.models import PromptCard, Provider, TestCase
+from testruns.engine import admission, execution
+from testruns.models import PromptCard, Provider, Semaphore, TestCase, TestResult, TestRun
 
 pytest_plugins = ["tests.fake_llm"]
 
@@ -36,6 +39,33 @@ def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.05, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def run_in_this_thread(
+    run: TestRun, *, holder: str = "test-worker", hand_over: bool = False
+) -> TestRun:
+    """Admit and execute every case of `run` in this thread, one at a time, until none is
+    left: as a worker thread would, handing cases over to itself when `hand_over`."""
+    admission.admit_runs()
+    while True:
+        admission.admit_cases(run.provider_id)
+        admitted = list(
+            TestResult.objects.filter(run=run, status="running", leases__holder="").values_list(
+                "pk", flat=True
+            )
+        )
+        if not admitted:
+            break
+        for result_id in admitted:
+            execution.execute_case(result_id, holder, keep_going=lambda: hand_over)
+    run.refresh_from_db()
+    return run
+
+
+def assert_every_slot_returned() -> None:
+    """Every semaphore's in_use equals its lease rows, and both are zero."""
+    for semaphore in Semaphore.objects.annotate(leases_held=Count("leases")):
+        assert semaphore.in_use == semaphore.leases_held == 0, semaphore.name
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -58,7 +88,6 @@ def _redis_is_clean():
 @pytest.fixture(scope="session")
 def process_env(django_db_setup) -> dict[str, str]:
     """Environment for child processes: the same services, but the test database."""
-    from django.db import connection
 
     parts = urlsplit(os.environ["DATABASE_URL"])
     test_db_url = urlunsplit(parts._replace(path="/" + connection.settings_dict["NAME"]))

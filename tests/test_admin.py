@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from django.contrib.auth.models import Permission
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
 
@@ -370,9 +373,6 @@ def test_semaphore_limits_are_editable_in_the_changelist(admin_client):
 
 
 def test_import_page_imports_a_promptfoo_file_and_exports_it_back(admin_client):
-    from pathlib import Path
-
-    from django.core.files.uploadedfile import SimpleUploadedFile
 
     suite = (Path(__file__).parent / "data" / "promptfoo_suite.yaml").read_bytes()
     response = admin_client.post(
@@ -392,7 +392,6 @@ def test_import_page_imports_a_promptfoo_file_and_exports_it_back(admin_client):
 
 
 def test_a_bad_import_saves_nothing_and_names_the_row(admin_client, make_card):
-    from django.core.files.uploadedfile import SimpleUploadedFile
 
     card = make_card(cases=0)
     bad = b"name,__description,__expected\nAda,fine,contains: Ada\nBob,broken,regex: ([\n"

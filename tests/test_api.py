@@ -9,6 +9,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -861,8 +863,6 @@ def test_duplicating_a_card_needs_the_add_permission(editor, api, make_card):
 
 
 def test_lists_take_as_many_queries_for_many_rows_as_for_few(root_api, make_card, simulator):
-    from django.db import connection
-    from django.test.utils import CaptureQueriesContext
 
     urls = [
         "/api/runs/",

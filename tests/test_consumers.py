@@ -11,6 +11,7 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
+from redis._defaults import DEFAULT_SOCKET_TIMEOUT
 
 from project.asgi import application
 from testruns.engine import gate, launching, limits
@@ -261,7 +262,6 @@ def test_dashboard_gets_queue_broadcasts_and_progress_of_visible_runs_only(
 def test_channel_layer_reads_outlast_its_blocking_receive():
     """channels_redis waits for messages with a blocking BZPOPMIN; a socket timeout at or
     below its timeout kills every consumer that stays idle that long (close 1011)."""
-    from redis._defaults import DEFAULT_SOCKET_TIMEOUT
 
     layer = get_channel_layer()
     kwargs = layer.create_pool(0).connection_kwargs

@@ -46,6 +46,8 @@ def browser():
     if not Path(CHROMIUM).exists():
         browser_unavailable(f"{CHROMIUM} is missing")
     try:
+        # Imported here: without playwright (a developer machine), only the browser tests
+        # fail or skip, with a message, instead of the whole module failing to import.
         from playwright.sync_api import expect, sync_playwright
     except ImportError:
         browser_unavailable("playwright is not installed")
@@ -75,6 +77,7 @@ def context(browser, asgi_server):
 
 @pytest.fixture
 def expect():
+    # Imported here for the same reason as in browser().
     from playwright.sync_api import expect
 
     return expect

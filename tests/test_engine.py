@@ -10,11 +10,12 @@ import threading
 from collections import Counter
 
 import pytest
+from django.db import connection
 from django.db.models import Count
 
 from project.embedded import free_port
 from testruns.engine import gate, launching, limits
-from testruns.models import Lease, Provider, Semaphore, TestResult, TestRun
+from testruns.models import Lease, Provider, Semaphore, TestResult, TestRun, WorkerHeartbeat
 from tests.conftest import ROOT, wait_for
 from tests.fake_llm import FakeReply
 
@@ -72,7 +73,6 @@ class LeaseSampler(threading.Thread):
         self.peak = Counter()
 
     def run(self):
-        from django.db import connection
 
         while not self.stop.wait(0.02):
             for name, n in Lease.objects.values_list("semaphore__name").annotate(n=Count("id")):
@@ -297,7 +297,6 @@ def test_a_cancelled_case_stops_holding_its_worker_thread(
 def test_a_busy_host_leaves_cases_to_other_workers(
     worker_factory, fake_llm, llm_provider, make_card
 ):
-    from testruns.models import WorkerHeartbeat
 
     busy = worker_factory(processes=1, threads=2, env={"WORKER_MIN_FREE_MEMORY_MB": str(10**12)})
     wait_for(

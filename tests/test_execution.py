@@ -9,6 +9,7 @@ import pytest
 
 from testruns.engine import admission, execution, launching
 from testruns.models import Provider, ResponseCache, TestResult, TestRun
+from tests.conftest import run_in_this_thread
 from tests.fake_llm import FakeReply
 
 pytestmark = pytest.mark.django_db
@@ -28,21 +29,7 @@ def provider(fake_llm):
 
 
 def run_to_the_end(run: TestRun) -> TestRun:
-    """Admit and execute every case here, the way worker threads would, one at a time."""
-    admission.admit_runs()
-    while True:
-        admission.admit_cases(run.provider_id)
-        admitted = list(
-            TestResult.objects.filter(run=run, status="running", leases__holder="").values_list(
-                "pk", flat=True
-            )
-        )
-        if not admitted:
-            break
-        for result_id in admitted:
-            execution.execute_case(result_id, "test-worker", keep_going=lambda: False)
-    run.refresh_from_db()
-    return run
+    return run_in_this_thread(run)
 
 
 def test_tokens_and_cost_come_from_usage_and_prices(provider, make_card):

@@ -20,7 +20,7 @@ from decimal import Decimal
 
 import pytest
 from django.db import connection, transaction
-from django.db.models import Count
+from django.db import connection as own
 from dramatiq.middleware.shutdown import Shutdown
 from dramatiq.middleware.threading import raise_thread_exception
 from dramatiq.middleware.time_limit import TimeLimitExceeded
@@ -35,7 +35,7 @@ from testruns.engine import (
     recording,
 )
 from testruns.models import Lease, Provider, Semaphore, TestResult, TestRun
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, assert_every_slot_returned, run_in_this_thread, wait_for
 from tests.fake_llm import FakeLLMServer, FakeReply
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -60,27 +60,7 @@ def provider(fake_llm):
 
 
 def run_here(run: TestRun) -> TestRun:
-    """Admit and execute every case in this thread, as one worker thread would (handing
-    cases over to itself), until none is left."""
-    admission.admit_runs()
-    while True:
-        admission.admit_cases(run.provider_id)
-        admitted = list(
-            TestResult.objects.filter(run=run, status="running", leases__holder="").values_list(
-                "pk", flat=True
-            )
-        )
-        if not admitted:
-            break
-        for result_id in admitted:
-            execution.execute_case(result_id, HOLDER)
-    run.refresh_from_db()
-    return run
-
-
-def assert_every_slot_returned() -> None:
-    for semaphore in Semaphore.objects.annotate(leases_held=Count("leases")):
-        assert semaphore.in_use == semaphore.leases_held == 0, semaphore.name
+    return run_in_this_thread(run, holder=HOLDER, hand_over=True)
 
 
 def only_result(run: TestRun) -> TestResult:
@@ -551,7 +531,6 @@ def run_in_thread_until_interrupted(
     raised: list[BaseException] = []
 
     def work() -> None:
-        from django.db import connection as own
 
         try:
             execution.execute_case(result_id, HOLDER)

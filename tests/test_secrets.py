@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 from django.urls import reverse
 
-from testruns.engine import admission, execution, launching
+from testruns.engine import admission, execution, launching, providers
 from testruns.models import Provider, TestResult
 from tests.fake_llm import FakeReply
 
@@ -83,7 +83,6 @@ def test_api_key_is_used_but_never_shown_logged_or_stored(
 
 
 def test_a_missing_key_variable_is_named_in_the_error(keyed_provider, monkeypatch):
-    from testruns.engine import providers
 
     monkeypatch.delenv("PCR_TEST_OPENAI_KEY")
     with pytest.raises(providers.ProviderError, match="PCR_TEST_OPENAI_KEY"):

@@ -15,13 +15,15 @@ import time
 from decimal import Decimal
 
 import pytest
-from django.db.models import Count
+from django.db import connection as own
 from django.urls import reverse
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
 
 from testruns.catalog import assertions
 from testruns.engine import admission, execution, gate, inflight, launching, limits
 from testruns.models import PromptCard, Provider, Semaphore, TestResult, TestRun
-from tests.conftest import wait_for
+from tests.conftest import assert_every_slot_returned, run_in_this_thread, wait_for
 from tests.fake_llm import FakeReply
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -59,26 +61,7 @@ def grader(fake_llm):
 
 
 def run_here(run: TestRun) -> TestRun:
-    """Admit and execute every case in this thread, one at a time, until none is left."""
-    admission.admit_runs()
-    while True:
-        admission.admit_cases(run.provider_id)
-        admitted = list(
-            TestResult.objects.filter(run=run, status="running", leases__holder="").values_list(
-                "pk", flat=True
-            )
-        )
-        if not admitted:
-            break
-        for result_id in admitted:
-            execution.execute_case(result_id, HOLDER, keep_going=lambda: False)
-    run.refresh_from_db()
-    return run
-
-
-def assert_every_slot_returned() -> None:
-    for semaphore in Semaphore.objects.annotate(leases_held=Count("leases")):
-        assert semaphore.in_use == semaphore.leases_held == 0, semaphore.name
+    return run_in_this_thread(run, holder=HOLDER)
 
 
 def models_asked(fake_llm) -> list[tuple[str, bool]]:
@@ -189,7 +172,6 @@ def test_eight_concurrent_429s_halve_the_ceiling_once(fake_llm, provider, make_c
     assert len(admitted) == 8
 
     def work(result_id: int) -> None:
-        from django.db import connection as own
 
         try:
             execution.execute_case(result_id, HOLDER, keep_going=lambda: False)
@@ -416,7 +398,6 @@ def test_a_grader_call_is_abandoned_when_the_case_is_cancelled(
     done = threading.Event()
 
     def work() -> None:
-        from django.db import connection as own
 
         try:
             execution.execute_case(result.pk, HOLDER, keep_going=lambda: False)
@@ -438,8 +419,6 @@ def test_a_grader_call_is_abandoned_when_the_case_is_cancelled(
 
 
 def test_the_grader_is_exposed_in_the_launch_api(provider, grader, make_card, launcher):
-    from rest_framework.authtoken.models import Token
-    from rest_framework.test import APIClient
 
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=launcher).key}")
