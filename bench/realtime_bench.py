@@ -6,6 +6,10 @@ against throwaway PostgreSQL and Redis, with a real daphne serving the WebSocket
 pages played by WebSocket clients in a separate process (200 or 500 Chromium tabs do not fit
 on a small machine; what a page does on a message is parse JSON and compare numbers).
 
+By default it runs twice, once per channel layer (`BENCH_LAYERS=list,pubsub`: channels_redis'
+list layer, the default, then the pub/sub layer, `CHANNEL_LAYER=pubsub`), and prints both side
+by side.
+
 1. event latency: 200 pages watch one run; this process commits run events the way a worker
    does (a result and `publish.announce` in one transaction, published after commit through a
    Dramatiq AsyncIO event-loop thread, as in a worker process). Latency is from the commit to
@@ -232,6 +236,13 @@ def bench_event_latency(host: str, cookie: str, provider: Provider, user: User) 
     report("commit -> page, p50", f"{percentile(latencies, 0.5):.1f} ms")
     report("commit -> page, p99", f"{percentile(latencies, 0.99):.1f} ms")
     report("commit -> last of the pages, p50", f"{statistics.median(last_page) * 1000:.1f} ms")
+    # A backlog shows as later events arriving later than early ones.
+    tenth = max(1, len(committed) // 10)
+    order = sorted(committed)
+    first = [page[seq] - committed[seq] for seq in order[:tenth] for page in arrivals]
+    last = [page[seq] - committed[seq] for seq in order[-tenth:] for page in arrivals]
+    report("first tenth of the events, p50", f"{statistics.median(first) * 1000:.1f} ms")
+    report("last tenth of the events, p50", f"{statistics.median(last) * 1000:.1f} ms")
     report("samples (event x page)", str(len(latencies)))
     launching.cancel_run(run)  # give its run slot back
 
@@ -246,7 +257,9 @@ def bench_queue_positions(host: str, cookie: str, provider: Provider, user: User
     waiting = [
         launching.launch_run(card=card, provider=provider, user=user) for _ in range(WAITING)
     ]
-    assert TestRun.objects.filter(status="queued").count() == WAITING
+    assert TestRun.objects.filter(pk__in=[r.pk for r in waiting], status="queued").count() == (
+        WAITING
+    )
     paths = [f"/ws/runs/{run.pk}/" for run in waiting]
     process, queue, first = start_pages(host, cookie, paths, "positions", SLOT_FREES)
     assert first == list(range(1, WAITING + 1)), "pages start at their places"
@@ -276,16 +289,48 @@ def bench_queue_positions(host: str, cookie: str, provider: Provider, user: User
     report("every waiting page shows its new place, worst", f"{max(spans):.0f} ms")
     report("positions all correct", "yes" if correct else "NO")
     report("queue broadcast size", f"{payload / 1024:.1f} KiB")
+    # Leave the queue empty for whatever runs next against the same database.
+    for run in TestRun.objects.filter(status__in=["queued", "running"]):
+        launching.cancel_run(run)
 
 
 def events_queue_message_example() -> dict:
     return {"type": "queue.changed", **queue_state()}
 
 
+def compare_layers(layers: list[str]) -> None:
+    """Run the benchmark once per channel layer, each in a process of its own (the layer is a
+    setting), and print their figures side by side: the reference and the change measured
+    in the same run, minutes apart at most."""
+    tables: dict[str, dict[str, str]] = {}
+    for layer in layers:
+        print(f"\n== CHANNEL_LAYER={layer}", flush=True)
+        env = dict(os.environ, CHANNEL_LAYER=layer, BENCH_LAYERS="")
+        done = subprocess.run(
+            [sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True
+        )
+        print(done.stdout[-4000:], done.stderr[-2000:] if done.returncode else "", flush=True)
+        rows = [line.split("|")[1:3] for line in done.stdout.splitlines() if line.count("|") == 3]
+        tables[layer] = {name.strip(): value.strip() for name, value in rows[2:]}
+    names = list(dict.fromkeys(name for table in tables.values() for name in table))
+    print("\n| measure | " + " | ".join(f"`{layer}` layer" for layer in layers) + " |")
+    print("|---|" + "---|" * len(layers))
+    for name in names:
+        values = " | ".join(tables[layer].get(name, "") for layer in layers)
+        print(f"| {name} | {values} |")
+
+
 def main() -> None:
+    layers = [layer for layer in os.environ.get("BENCH_LAYERS", "list,pubsub").split(",") if layer]
+    if layers:
+        compare_layers(layers)
+        return
     call_command("migrate", verbosity=0)
     provider = Provider.objects.create(
-        name="bench-sim", kind="simulator", max_concurrency=4, parameters={"latency_ms": 1}
+        name=f"bench-sim-{time.monotonic_ns()}",
+        kind="simulator",
+        max_concurrency=4,
+        parameters={"latency_ms": 1},
     )
     limits.ensure_semaphores(provider)
     limits.set_limit(gate.RUNS, 1000)

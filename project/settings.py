@@ -170,18 +170,32 @@ REDIS_URL = os.environ.get("REDIS_URL") or (
     f"redis://{_credentials('', 'redis')}127.0.0.1:{env_int('EMBEDDED_REDIS_PORT', 63799)}/0"
 )
 
-CHANNEL_LAYERS = {
-    "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        # Reads must outlast channels_redis' 5 s blocking receive (BZPOPMIN): with redis-py's
-        # default 5 s socket timeout an idle consumer's read times out first and the
-        # consumer dies, closing its page with 1011.
-        "CONFIG": {
-            "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
-            "capacity": 1000,
-            "expiry": 30,
-        },
+# How events reach the pages. "list" (the default): channels_redis' list layer, one copy of
+# every event per page. "pubsub": Redis pub/sub, one message per web process per event, fanned
+# out to its sockets in memory, so the cost of an event does not grow with the pages watching
+# (tests/test_fanout.py; bench/realtime_bench.py measures both side by side). Pub/sub keeps
+# nothing for a process that is not listening; the pages' snapshots and sequence numbers
+# cover that, as after any reconnect.
+CHANNEL_LAYER_PUBSUB = {
+    "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+    "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
+}
+CHANNEL_LAYER_LIST = {
+    "BACKEND": "channels_redis.core.RedisChannelLayer",
+    # Reads must outlast its 5 s blocking receive (BZPOPMIN): with redis-py's default 5 s
+    # socket timeout an idle consumer's read times out first and its page closes with 1011.
+    "CONFIG": {
+        "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+        "capacity": 1000,
+        "expiry": 30,
     },
+}
+CHANNEL_LAYERS = {
+    "default": (
+        CHANNEL_LAYER_PUBSUB
+        if os.environ.get("CHANNEL_LAYER", "list") == "pubsub"
+        else CHANNEL_LAYER_LIST
+    ),
 }
 
 DRAMATIQ_BROKER = {

@@ -46,6 +46,7 @@ RESERVED_NAMES = frozenset(
         "ALLOWED_HOSTS",
         "BEHIND_TLS_PROXY",
         "CASE_TIME_LIMIT_SECONDS",
+        "CHANNEL_LAYER",
         "CI",
         "CSRF_COOKIE_SECURE",
         "CSRF_TRUSTED_ORIGINS",
