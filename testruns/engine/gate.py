@@ -159,16 +159,11 @@ class Admitted:
     holder: str = ""  # "" waits for a worker to claim it; else it was kept for that holder
 
 
-def admit_cases(provider_id: int, *, keeper: str = "") -> list[Admitted]:
-    """Promote pending cases of running runs on this provider into its free call slots."""
-    with transaction.atomic():
-        return admit_cases_locked(provider_id, keeper=keeper)
-
-
 def admit_cases_locked(
     provider_id: int, locked: tuple | None = None, *, keeper: str = ""
 ) -> list[Admitted]:
-    """Inside a transaction that holds (or may take) only this provider's row:
+    """Promote pending cases of running runs on this provider into its free call slots.
+    Inside a transaction that holds (or may take) only this provider's row:
 
     1. Lock "provider:<id>" unless `locked` is its row as the caller last read it under the
        lock (saving a round trip); take its limit, in_use and AIMD ceiling.
