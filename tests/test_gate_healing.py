@@ -165,13 +165,17 @@ def worker_in_its_own_pid_namespace(env: dict[str, str], hostname: str) -> Child
     )
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_with_the_host_and_pid_of_a_dead_one_does_not_keep_its_leases(
     process_env, make_card, fake_llm
 ):
-    if subprocess.run(["unshare", "--pid", "--fork", "--uts", "true"], cwd=ROOT).returncode:
-        pytest.fail("this test needs to create pid and UTS namespaces (run as root)")
+    # util-linux's unshare, as root: a fresh pid namespace is how a restarted container gets
+    # the same pid again. No skip: without it the test fails, in CI and elsewhere.
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "--pid", "--fork", "--uts", "true"], cwd=ROOT).returncode
+    ):
+        pytest.fail("this test needs util-linux's unshare and root (pid and UTS namespaces)")
     provider = Provider.objects.create(
         name="Fake",
         kind=Provider.Kind.OPENAI,
