@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import dramatiq
 import pytest
 import redis
 from django.conf import settings
@@ -115,7 +116,8 @@ class ChildProcess:
         )
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
@@ -169,6 +171,10 @@ def start_workers(env: dict[str, str], *, processes: int = 1, threads: int = 4) 
 
 @pytest.fixture
 def worker_factory(process_env):
+    """Starts real workers for this test. The broker is shared by the whole session, and
+    messages that earlier tests sent without a worker to take them (runs launched only to
+    inspect the queue page, say) would otherwise sit ahead of this test's cases."""
+    dramatiq.get_broker().flush_all()
     started: list[ChildProcess] = []
 
     def start(*, env: dict[str, str] | None = None, **kwargs) -> ChildProcess:
@@ -179,6 +185,8 @@ def worker_factory(process_env):
     yield start
     for worker in started:
         worker.stop()
+        # Shown by pytest only when the test fails: what the workers said before it did.
+        print(f"--- {worker.log_path.name} (last lines) ---\n{worker.output()[-4000:]}")
 
 
 @pytest.fixture(scope="session")

@@ -262,7 +262,7 @@ def test_sigterm_hands_back_held_cases_and_releases_leases(
     fake_llm.latency = 60
     run = launching.launch_run(card=make_card(cases=2), provider=llm_provider, timeout_seconds=120)
     worker = worker_factory(processes=1, threads=2)
-    wait_for(lambda: fake_llm.in_flight == 2, what="both cases to be mid-call")
+    wait_for(lambda: fake_llm.in_flight == 2, timeout=60, what="both cases to be mid-call")
     worker.process.send_signal(signal.SIGTERM)  # to the Dramatiq master, as a supervisor does
     worker.process.wait(timeout=30)  # its grace period for in-flight work is 10 s
     assert "handed back 2 unfinished case(s) on shutdown" in worker.output()
