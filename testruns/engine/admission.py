@@ -83,9 +83,18 @@ def admit_cases(provider_id: int) -> list[Admitted]:
         return _send(gate.admit_cases_locked(provider_id, keeper=_keeper()))
 
 
+def close_case(**closing) -> gate.Closed:
+    """A finished case in one round trip (gate.close_case, keyword arguments as there): its
+    slot given back, its outcome written, and the case promoted into the slot kept for this
+    thread while it hands over; any other admitted case is sent."""
+    closed = gate.close_case(**closing, keeper=_keeper())
+    _send(closed.admitted)
+    return closed
+
+
 def admit_next_cases(provider_id: int, locked: tuple) -> list[Admitted]:
-    """The last step of a case's closing transaction (after gate.give_back_case, whose row
-    `locked` is): promote waiting cases into the freed slot."""
+    """The last step of a case's hand-back (after gate.give_back_case, whose row `locked`
+    is): promote waiting cases into the freed slot."""
     return _send(gate.admit_cases_locked(provider_id, locked, keeper=_keeper()))
 
 

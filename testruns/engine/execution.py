@@ -82,6 +82,7 @@ def execute_case(
     """
     lease_id = gate.claim_case(result_id, holder)
     chain_started, budget = time.monotonic(), handover_budget_seconds()
+    run = None
     while lease_id is not None:
         young = time.monotonic() - chain_started < budget
         taken: list[gate.Admitted] = []
@@ -90,7 +91,7 @@ def execute_case(
                 inflight.holding(lease_id),
                 admission.handing_over_to(holder if young and keep_going() else None) as taken,
             ):
-                run_claimed_case(result_id, lease_id)
+                run = run_claimed_case(result_id, lease_id, run)
         except BaseException:
             # An interrupt after the hand-over: the case kept for this thread would never
             # start; it goes back to the queue now rather than when its lease runs out.
@@ -102,29 +103,47 @@ def execute_case(
         result_id, lease_id = taken[0].result_id, taken[0].lease_id
 
 
-def run_claimed_case(result_id: int, lease_id: int) -> None:
+def run_claimed_case(result_id: int, lease_id: int, run: TestRun | None = None) -> TestRun | None:
     """Run a claimed case and record its outcome; never leaves it `running` with its lease
     held by this process. Raises only the interrupts it was given (time limit, shutdown),
-    after recording or handing back the case."""
+    after recording or handing back the case. Returns the case's run (with its version and
+    providers) for the next case of a hand-over chain: a run's settings do not change once it
+    is launched, so a chain loads them once, and then only each case's own row."""
     # With DEBUG on, Django keeps every query of a connection until a request starts; a
     # worker thread never starts one.
     reset_queries()
     try:
-        _run_and_close(result_id, lease_id)
+        return _run_and_close(result_id, lease_id, run)
     except BaseException as exc:  # Exceptions are dealt with inside: these are interrupts
         _interrupted(result_id, lease_id, exc)
         raise
 
 
-def _run_and_close(result_id: int, lease_id: int) -> None:
+# What running a case reads from its result row; the rest of the row is what it writes.
+CASE_FIELDS = ("run_id", "case_id", "position", "variables", "assertions", "threshold")
+
+
+def load_case(result_id: int, run: TestRun | None) -> TestResult:
+    """The result to run, with its run: only the case's own columns when `run` (the previous
+    case's, in a chain) is the one it belongs to. Compiling the query with the run, its
+    version and providers joined in costs more CPU than running a fast case."""
+    if run is not None:
+        result = TestResult.objects.only(*CASE_FIELDS).get(pk=result_id)
+        if result.run_id == run.pk:
+            result.run = run
+            return result
+    return TestResult.objects.select_related(
+        "run__version", "run__provider", "run__grader_provider"
+    ).get(pk=result_id)
+
+
+def _run_and_close(result_id: int, lease_id: int, run: TestRun | None) -> TestRun | None:
     try:
-        result = TestResult.objects.select_related(
-            "run__version", "run__provider", "run__grader_provider"
-        ).get(pk=result_id)
+        result = load_case(result_id, run)
     except Exception:
         log.exception("case %s could not be loaded; its lease goes to the sweeper", result_id)
         forsake(lease_id)
-        return
+        return None
     run = result.run
     with log_context(run_id=run.pk, case_id=result.case_id):
         log.info("case started")
@@ -133,11 +152,12 @@ def _run_and_close(result_id: int, lease_id: int) -> None:
                 outcome = run_case(run, result, lost)
         except inflight.CaseAbandoned:
             log.info("case abandoned: its lease is gone")
-            return
+            return run
         except Exception as exc:  # whatever nobody foresaw belongs to this case
             log.exception("case failed with an unexpected error")
             outcome = unexpected(exc)
         close_case(run, result, lease_id, outcome)
+    return run
 
 
 def _interrupted(result_id: int, lease_id: int, exc: BaseException) -> None:

@@ -25,7 +25,9 @@ in gate.sql beside this file, one named query each.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 
 from testruns.models import RUNS_PER_USER_SEMAPHORE, RUNS_SEMAPHORE, provider_semaphore
@@ -215,6 +218,90 @@ def give_back_case(provider_id: int, lease_id: int, *, succeeded: bool) -> Given
         {"lease": lease_id, "name": provider_semaphore(provider_id)},
     )[0]
     return GivenBack(tuple(locked), released > 0)
+
+
+# The result columns a case's outcome may set (pcr_close_case writes these and only these).
+OUTCOME_COLUMNS = frozenset(
+    {
+        "prompt",
+        "output",
+        "assertion_results",
+        "score",
+        "latency_ms",
+        "tokens_in",
+        "tokens_out",
+        "cost",
+        "attempts",
+        "repeat_passes",
+        "repeat_results",
+        "cached",
+        "error",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Closed:
+    held: bool  # the fence: False when the lease was gone, and nothing was written
+    written: bool  # the outcome was written (the result was still `running`)
+    complete: bool  # that was the run's last case
+    event_due: bool  # the run's last event is older than the progress interval
+    admitted: list[Admitted]
+
+
+def close_case(
+    *,
+    lease_id: int,
+    result_id: int,
+    run_id: int,
+    provider_id: int,
+    status: str,
+    fields: dict,
+    succeeded: bool,
+    skip_rest: bool,
+    keeper: str = "",
+    event_interval: float,
+) -> Closed:
+    """A finished case in one round trip (the server-side function pcr_close_case): give back
+    its call slot, locking the provider's row first (a success grows the AIMD ceiling); if
+    the lease was still held (the fence, as in give_back_case), write the outcome exactly once
+    and add it to the run's totals, skipping the run's pending cases when `skip_rest`; then
+    promote waiting cases into the free slots, the first kept for `keeper`. In autocommit
+    this is one statement and one transaction; inside the caller's, it is part of that."""
+    unknown = fields.keys() - OUTCOME_COLUMNS
+    if unknown:
+        raise ValueError(f"not outcome columns of a result: {sorted(unknown)}")
+    (row,) = _rows(
+        SQL["close_case"],
+        {
+            "lease": lease_id,
+            "result": result_id,
+            "run": run_id,
+            "provider": provider_id,
+            "status": status,
+            "fields": json.dumps(
+                {name: _storable_scalar(value) for name, value in fields.items()},
+                cls=DjangoJSONEncoder,
+                allow_nan=False,
+            ),
+            "succeeded": succeeded,
+            "skip_rest": skip_rest,
+            "keeper": keeper,
+            "ttl": lease_ttl(),
+            "event_interval": event_interval,
+        },
+    )
+    held, written, complete, event_due, admitted = row
+    if isinstance(admitted, str):  # jsonb arrives as text from Django's psycopg connection
+        admitted = json.loads(admitted)
+    return Closed(held, written, complete, event_due, [Admitted(*a) for a in admitted])
+
+
+def _storable_scalar(value: object) -> object:
+    """JSON has no infinities or NaN; PostgreSQL's float columns take them as these words."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def throttle_provider(provider_id: int, sent_seconds_ago: float = 0.0) -> bool:

@@ -68,37 +68,18 @@ WHERE s.id = g.semaphore_id
 -- name: admit_cases
 -- With "provider:<id>" locked: per running run (priority desc, queued_at), take its first
 -- pending cases up to its own room, up to the provider's free slots; mark them running,
--- lease them (the first one to %(keeper)s, when given) and count them.
-WITH runs AS (
-    SELECT r.id, r.priority, r.queued_at, r.max_concurrent_tests -
-           (SELECT count(*) FROM testruns_lease l
-            WHERE l.run_id = r.id AND l.semaphore_id = %(sem)s) AS room
-    FROM testruns_testrun r
-    WHERE r.provider_id = %(provider)s AND r.status = 'running' AND NOT r.cancel_requested
-), chosen AS (
-    SELECT c.id FROM runs
-    CROSS JOIN LATERAL (
-        SELECT t.id, t.position FROM testruns_testresult t
-        WHERE t.run_id = runs.id AND t.status = 'pending'
-        ORDER BY t.position LIMIT GREATEST(runs.room, 0)
-    ) c
-    ORDER BY runs.priority DESC, runs.queued_at, runs.id, c.position
-    LIMIT %(free)s
-), promoted AS (
-    UPDATE testruns_testresult t SET status = 'running', dispatched_at = NULL
-    FROM chosen WHERE t.id = chosen.id AND t.status = 'pending'
-    RETURNING t.id, t.run_id
-), leased AS (
-    INSERT INTO testruns_lease (semaphore_id, holder, run_id, result_id, acquired_at, expires_at)
-    SELECT %(sem)s, CASE WHEN row_number() OVER (ORDER BY id) = 1 THEN %(keeper)s ELSE '' END,
-           run_id, id, now(), now() + make_interval(secs => %(ttl)s)
-    FROM promoted
-    RETURNING result_id, id, holder
-), counted AS (
-    UPDATE testruns_semaphore SET in_use = in_use + (SELECT count(*) FROM leased)
-    WHERE id = %(sem)s
-)
-SELECT result_id, id, holder FROM leased
+-- lease them (the first one to the keeper, when given) and count them. The statement is the
+-- server-side function pcr_admit_cases (migration 0007), which pcr_close_case also calls.
+SELECT result_id, lease_id, holder FROM pcr_admit_cases(%(sem)s, %(provider)s, %(free)s,
+                                                        %(ttl)s, %(keeper)s)
+
+-- name: close_case
+-- A finished case in one round trip: give back its slot (the fence), write its outcome
+-- exactly once, count it in the run's totals and promote the next cases: pcr_close_case
+-- (migration 0007).
+SELECT held, written, complete, event_due, admitted FROM pcr_close_case(
+    %(lease)s, %(result)s, %(run)s, %(provider)s, %(status)s, %(fields)s::jsonb,
+    %(succeeded)s, %(skip_rest)s, %(keeper)s, %(ttl)s, %(event_interval)s)
 
 -- name: claim_case
 -- Take over an admitted case's unclaimed, unexpired lease for this worker.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -135,18 +136,18 @@ def call(fn: Callable[[], T], lost: threading.Event | None, timeout: float | Non
     if lost is None and timeout is None:
         return fn()
     future: Future = Future()
+    lost_or_done = threading.Event()
+    context = contextvars.copy_context()  # the run and case ids its log lines carry
 
-    def target() -> None:
+    def job() -> None:
         try:
-            future.set_result(fn())
+            future.set_result(context.run(fn))
         except BaseException as exc:  # handed to the waiting thread as it is
             future.set_exception(exc)
         finally:
             lost_or_done.set()
 
-    lost_or_done = threading.Event()
-    context = contextvars.copy_context()  # the run and case ids its log lines carry
-    threading.Thread(target=context.run, args=(target,), name="provider-call", daemon=True).start()
+    _helpers.run(job)
     deadline = None if timeout is None else time.monotonic() + timeout
     while not lost_or_done.wait(0.1):
         if lost is not None and lost.is_set():
@@ -154,6 +155,39 @@ def call(fn: Callable[[], T], lost: threading.Event | None, timeout: float | Non
         if deadline is not None and time.monotonic() >= deadline:
             raise CallOverran(f"no answer after {timeout:.1f}s")
     return future.result()
+
+
+class HelperThreads:
+    """Daemon threads that run provider calls, kept between calls: starting a thread for
+    each call cost more CPU than a fast call itself. A call that is abandoned keeps its
+    thread until it runs out on its own timeout; the next call gets another thread. Daemon,
+    unlike concurrent.futures' workers, so a hung call never holds up the process's exit."""
+
+    def __init__(self, keep_idle: int = 64):
+        self.keep_idle = keep_idle
+        self.idle: list[queue.SimpleQueue] = []
+        self.lock = threading.Lock()
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self.lock:
+            inbox = self.idle.pop() if self.idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(
+                target=self._serve, args=(inbox,), name="provider-call", daemon=True
+            ).start()
+        inbox.put(job)
+
+    def _serve(self, inbox: queue.SimpleQueue) -> None:
+        while True:
+            inbox.get()()
+            with self.lock:
+                if len(self.idle) >= self.keep_idle:
+                    return
+                self.idle.append(inbox)
+
+
+_helpers = HelperThreads()
 
 
 def wait(seconds: float, lost: threading.Event | None) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models.functions import Now
-from django.utils import timezone
 
 from testruns.engine import admission, gate, inflight
 from testruns.live import publish
@@ -270,67 +269,42 @@ def hand_back_case(result_id: int, lease_id: int) -> None:
 
 STOPPING = (TestResult.Status.FAILED, TestResult.Status.ERROR)
 
-COUNTERS = {
-    TestResult.Status.PASSED: "passed_count",
-    TestResult.Status.FAILED: "failed_count",
-    TestResult.Status.ERROR: "error_count",
-}
-
 
 def record_case(run: TestRun, result: TestResult, lease_id: int, outcome: CaseOutcome) -> bool:
     """Write the outcome exactly once, update the run's totals, give back the call slot and
-    promote the next case, in one transaction. Returns True when the run has no case left."""
-    with transaction.atomic():
-        # The semaphore row is locked first (by giving back the slot), then data rows.
-        given = gate.give_back_case(
-            run.provider_id,
-            lease_id,
-            succeeded=(outcome.status != TestResult.Status.ERROR and not outcome.throttled),
+    promote the next case, in one round trip (gate.close_case). Then, at most once per
+    progress interval, tell the pages. Returns True when the run has no case left."""
+    closed = admission.close_case(
+        lease_id=lease_id,
+        result_id=result.pk,
+        run_id=run.pk,
+        provider_id=run.provider_id,
+        status=outcome.status,
+        fields=outcome.fields,
+        succeeded=outcome.status != TestResult.Status.ERROR and not outcome.throttled,
+        # An error stops the run as a failure does: either way the case did not pass.
+        skip_rest=run.stop_on_failure and outcome.status in STOPPING,
+        event_interval=publish.PROGRESS_INTERVAL_MS / 1000,
+    )
+    if not closed.held:
+        log.warning(
+            "the case's lease was taken back before its result was recorded (it was "
+            "reclaimed or cancelled, and may have run elsewhere); outcome discarded"
         )
-        written = 0
-        if given.held:
-            written = TestResult.objects.filter(
-                pk=result.pk, status=TestResult.Status.RUNNING
-            ).update(status=outcome.status, finished_at=timezone.now(), **outcome.fields)
-        else:
-            log.warning(
-                "the case's lease was taken back before its result was recorded (it was "
-                "reclaimed or cancelled, and may have run elsewhere); outcome discarded"
-            )
-        complete = False
-        if written:
-            skipped = 0
-            # An error stops the run as a failure does: either way the case did not pass.
-            if run.stop_on_failure and outcome.status in STOPPING:
-                skipped = TestResult.objects.filter(
-                    run=run, status=TestResult.Status.PENDING
-                ).update(status=TestResult.Status.SKIPPED, finished_at=timezone.now())
-            totals = add_to_totals(run.pk, outcome, skipped)
-            complete = totals["done_count"] >= totals["total_cases"]
-            publish.announce(run.pk, kind="progress", force=False)
-        admission.admit_next_cases(run.provider_id, given.locked)
-    return complete
+    if closed.event_due:
+        announce_progress(run.pk)
+    return closed.complete
 
 
-def add_to_totals(run_id: int, outcome: CaseOutcome, skipped: int) -> dict:
-    counter = COUNTERS.get(outcome.status)
-    bump = f", {counter} = {counter} + 1" if counter else ""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE testruns_testrun SET done_count = done_count + 1 + %s{bump}, "
-            "tokens_in = tokens_in + %s, tokens_out = tokens_out + %s, cost = cost + %s "
-            "WHERE id = %s RETURNING done_count, total_cases, passed_count, failed_count, "
-            "error_count",
-            [
-                skipped,
-                outcome.fields.get("tokens_in", 0),
-                outcome.fields.get("tokens_out", 0),
-                outcome.fields.get("cost", 0),
-                run_id,
-            ],
-        )
-        names = [column.name for column in cursor.description]
-        return dict(zip(names, cursor.fetchone(), strict=True))
+def announce_progress(run_id: int) -> None:
+    """Cosmetic once the outcome is written: a progress event that cannot be taken is left
+    to the next one, or to the sweeper's flush of unannounced results."""
+    try:
+        with transaction.atomic():
+            publish.announce(run_id, kind="progress", force=False)
+    except Exception:
+        log.warning("progress of run %s could not be announced", run_id, exc_info=True)
+        fresh_connection()
 
 
 def finish_run(run_id: int) -> bool:
