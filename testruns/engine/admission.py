@@ -40,10 +40,26 @@ def release_run(run_id: int) -> list[int]:
     return _announce_runs(gate.release_run(run_id))
 
 
-def _announce_runs(promoted: list[gate.PromotedRun]) -> list[int]:
+def finish_run(run_id: int) -> str | None:
+    """Inside the caller's transaction: close a running run whose cases are all done, hand
+    its slot to the next runs and announce both. Returns its final status, or None if it was
+    not a running run all done."""
+    finished = gate.finish_run(run_id)
+    if finished.status:
+        publish.announce(run_id)
+        _announce_runs(finished.promoted)
+    return finished.status
+
+
+def _announce_runs(
+    promoted: list[gate.PromotedRun], *, admitted_on: int | None = None
+) -> list[int]:
+    """Tell the pages of promoted runs, and admit their first cases after commit, except on
+    the provider `admitted_on`, whose free slots the promoting call already filled."""
     for run_id, provider_id in promoted:
         publish.announce(run_id)
-        transaction.on_commit(lambda p=provider_id: admit_cases(p))
+        if provider_id != admitted_on:
+            transaction.on_commit(lambda p=provider_id: admit_cases(p))
     if promoted:
         publish.publish_queue_changed()
     return [run.run_id for run in promoted]
@@ -90,6 +106,14 @@ def close_case(**closing) -> gate.Closed:
     closed = gate.close_case(**closing, keeper=_keeper())
     _send(closed.admitted)
     return closed
+
+
+def announce_finished(run_id: int, provider_id: int, promoted: list[gate.PromotedRun]) -> None:
+    """After close_case finished a run: tell its page, and the pages of the runs promoted
+    into its slot (whose first cases on `provider_id` close_case already admitted)."""
+    with transaction.atomic():
+        publish.announce(run_id)
+        _announce_runs(promoted, admitted_on=provider_id)
 
 
 def admit_next_cases(provider_id: int, locked: tuple) -> list[Admitted]:

@@ -39,6 +39,7 @@ from testruns.catalog import assertions
 from testruns.catalog.prompts import render_prompt
 from testruns.engine import admission, gate, inflight, providers
 from testruns.engine.calls import CallTracker, generate, grader_for
+from testruns.engine.followups import followups
 from testruns.engine.recording import (
     CaseOutcome,
     close_case,
@@ -101,6 +102,8 @@ def execute_case(
         if not taken:
             return
         result_id, lease_id = taken[0].result_id, taken[0].lease_id
+        if run is not None and taken[0].run_id != run.pk:
+            run = None  # the slot went to another run's case: load that run with it
 
 
 def run_claimed_case(result_id: int, lease_id: int, run: TestRun | None = None) -> TestRun | None:
@@ -129,7 +132,7 @@ def load_case(result_id: int, run: TestRun | None) -> TestResult:
     version and providers joined in costs more CPU than running a fast case."""
     if run is not None:
         result = TestResult.objects.only(*CASE_FIELDS).get(pk=result_id)
-        if result.run_id == run.pk:
+        if result.run_id == run.pk:  # as the admission said; a guard, not a second query
             result.run = run
             return result
     return TestResult.objects.select_related(
@@ -318,12 +321,16 @@ def case_budget_seconds(run: TestRun, result: TestResult) -> float:
 def note_validating(run: TestRun, result: TestResult) -> None:
     """The run's phase turns from generating to validating once no case is left to send to
     the model, only checks of cases in flight (llm-rubric grading can take a while). Only the
-    last wave of cases can make that true, so only they ask. Cosmetic: a failure is logged."""
-    if result.position < run.total_cases - run.max_concurrent_tests:
-        return
+    last wave of cases can make that true, so only they ask, as a follow-up (the case does
+    not wait for it). Cosmetic: a failure is logged."""
+    if result.position >= run.total_cases - run.max_concurrent_tests:
+        followups.later(lambda: _note_validating(run.pk))
+
+
+def _note_validating(run_id: int) -> None:
     try:
-        TestRun.objects.filter(pk=run.pk, phase=TestRun.Phase.GENERATING).filter(
-            ~Exists(TestResult.objects.filter(run=run.pk, status=TestResult.Status.PENDING))
+        TestRun.objects.filter(pk=run_id, phase=TestRun.Phase.GENERATING).filter(
+            ~Exists(TestResult.objects.filter(run=run_id, status=TestResult.Status.PENDING))
         ).update(phase=TestRun.Phase.VALIDATING)
     except DatabaseError:
         log.warning("the run's phase could not be updated", exc_info=True)

@@ -152,6 +152,27 @@ def release_run(run_id: int) -> list[PromotedRun]:
     return promote_runs(_lock(RUNS))
 
 
+class FinishedRun(NamedTuple):
+    status: str | None  # the run's final status; None if it was not a running run all done
+    promoted: list[PromotedRun]
+
+
+def finish_run(run_id: int) -> FinishedRun:
+    """Inside the caller's transaction (which may already hold provider rows, not "runs"):
+    close a running run whose every case is done, with its final status from its totals,
+    give back its slot and promote the next runs. pcr_close_case does the same for a run's
+    last case; this is for the sweeper and for a "runs" row that had to be created again."""
+    _lock(RUNS)
+    row = _rows(SQL["finish_run"], {"run": run_id, "runs": RUNS, "per_user": RUNS_PER_USER})[0]
+    return _finished(*row)
+
+
+def _finished(status: str | None, promoted: list | str) -> FinishedRun:
+    if isinstance(promoted, str):  # jsonb arrives as text from Django's psycopg connection
+        promoted = json.loads(promoted)
+    return FinishedRun(status, [PromotedRun(*p) for p in promoted])
+
+
 # --- Cases ---------------------------------------------------------------------------------
 
 
@@ -160,6 +181,7 @@ class Admitted:
     result_id: int
     lease_id: int
     holder: str = ""  # "" waits for a worker to claim it; else it was kept for that holder
+    run_id: int | None = None
 
 
 def admit_cases_locked(
@@ -247,6 +269,9 @@ class Closed:
     complete: bool  # that was the run's last case
     event_due: bool  # the run's last event is older than the progress interval
     admitted: list[Admitted]
+    # When complete: the run finished in the same call (status None if the "runs" row was
+    # missing, and finish_run must create it) and the runs promoted into its slot.
+    run: FinishedRun
 
 
 def close_case(
@@ -265,9 +290,10 @@ def close_case(
     """A finished case in one round trip (the server-side function pcr_close_case): give back
     its call slot, locking the provider's row first (a success grows the AIMD ceiling); if
     the lease was still held (the fence, as in give_back_case), write the outcome exactly once
-    and add it to the run's totals, skipping the run's pending cases when `skip_rest`; then
-    promote waiting cases into the free slots, the first kept for `keeper`. In autocommit
-    this is one statement and one transaction; inside the caller's, it is part of that."""
+    and add it to the run's totals, skipping the run's pending cases when `skip_rest`; if
+    that was the run's last case, finish the run and promote the next runs (as finish_run);
+    then promote waiting cases into the free slots, the first kept for `keeper`. In
+    autocommit this is one statement and one transaction; inside the caller's, part of it."""
     unknown = fields.keys() - OUTCOME_COLUMNS
     if unknown:
         raise ValueError(f"not outcome columns of a result: {sorted(unknown)}")
@@ -289,12 +315,21 @@ def close_case(
             "keeper": keeper,
             "ttl": lease_ttl(),
             "event_interval": event_interval,
+            "runs": RUNS,
+            "per_user": RUNS_PER_USER,
         },
     )
-    held, written, complete, event_due, admitted = row
+    held, written, complete, event_due, admitted, finished, promoted = row
     if isinstance(admitted, str):  # jsonb arrives as text from Django's psycopg connection
         admitted = json.loads(admitted)
-    return Closed(held, written, complete, event_due, [Admitted(*a) for a in admitted])
+    return Closed(
+        held,
+        written,
+        complete,
+        event_due,
+        [Admitted(*a) for a in admitted],
+        _finished(finished, promoted),
+    )
 
 
 def _storable_scalar(value: object) -> object:

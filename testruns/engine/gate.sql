@@ -22,41 +22,14 @@ SELECT id, "limit", in_use, effective_limit FROM testruns_semaphore WHERE name =
 
 -- name: admit_runs
 -- With "runs" locked: pick up to %(free)s queued runs in queue order, skipping runs whose
--- launcher is at the per-user limit; mark them running, lease their slots, count them.
-WITH user_limit AS (
-    SELECT COALESCE((SELECT "limit" FROM testruns_semaphore WHERE name = %(per_user)s), 0) AS n
-), running_per_user AS (
-    SELECT r.launched_by_id AS user_id, count(*) AS n
-    FROM testruns_lease l JOIN testruns_testrun r ON r.id = l.run_id
-    WHERE l.semaphore_id = %(sem)s AND l.result_id IS NULL
-    GROUP BY r.launched_by_id
-), queue AS (
-    SELECT r.id, r.priority, r.queued_at, r.launched_by_id,
-           row_number() OVER (PARTITION BY r.launched_by_id
-                              ORDER BY r.priority DESC, r.queued_at, r.id) AS nth_of_user
-    FROM testruns_testrun r
-    WHERE r.status = 'queued' AND NOT r.cancel_requested
-), chosen AS (
-    SELECT q.id FROM queue q LEFT JOIN running_per_user u ON u.user_id = q.launched_by_id
-    WHERE (SELECT n FROM user_limit) = 0 OR q.launched_by_id IS NULL
-       OR q.nth_of_user + COALESCE(u.n, 0) <= (SELECT n FROM user_limit)
-    ORDER BY q.priority DESC, q.queued_at, q.id
-    LIMIT %(free)s
-), promoted AS (
-    UPDATE testruns_testrun r SET status = 'running', phase = 'generating',
-        started_at = statement_timestamp()
-    FROM chosen WHERE r.id = chosen.id AND r.status = 'queued'
-    RETURNING r.id, r.provider_id
-), leased AS (
-    -- A run slot is held until the run ends; only case leases are heartbeated and expire.
-    INSERT INTO testruns_lease (semaphore_id, holder, run_id, acquired_at, expires_at)
-    SELECT %(sem)s, 'run:' || id, id, now(), now() + interval '100 years' FROM promoted
-    RETURNING run_id
-), counted AS (
-    UPDATE testruns_semaphore SET in_use = in_use + (SELECT count(*) FROM leased)
-    WHERE id = %(sem)s
-)
-SELECT id, provider_id FROM promoted ORDER BY id
+-- launcher is at the per-user limit; mark them running, lease their slots, count them. The
+-- statement is the server-side function pcr_admit_runs (migration 0007).
+SELECT run_id, provider_id FROM pcr_admit_runs(%(sem)s, %(free)s, %(per_user)s)
+
+-- name: finish_run
+-- Close a running run whose cases are all done, give back its slot and promote the next
+-- runs (pcr_finish_run, migration 0007): (final status or NULL, promoted runs as jsonb).
+SELECT finished, promoted FROM pcr_finish_run(%(run)s, %(runs)s, %(per_user)s)
 
 -- name: delete_leases
 -- Delete the leases matching {where} and lower in_use by as many, per semaphore.
@@ -70,16 +43,17 @@ WHERE s.id = g.semaphore_id
 -- pending cases up to its own room, up to the provider's free slots; mark them running,
 -- lease them (the first one to the keeper, when given) and count them. The statement is the
 -- server-side function pcr_admit_cases (migration 0007), which pcr_close_case also calls.
-SELECT result_id, lease_id, holder FROM pcr_admit_cases(%(sem)s, %(provider)s, %(free)s,
-                                                        %(ttl)s, %(keeper)s)
+SELECT result_id, lease_id, holder, run_id
+FROM pcr_admit_cases(%(sem)s, %(provider)s, %(free)s, %(ttl)s, %(keeper)s)
 
 -- name: close_case
 -- A finished case in one round trip: give back its slot (the fence), write its outcome
--- exactly once, count it in the run's totals and promote the next cases: pcr_close_case
--- (migration 0007).
-SELECT held, written, complete, event_due, admitted FROM pcr_close_case(
+-- exactly once, count it in the run's totals, finish the run if that was its last case, and
+-- promote the next cases: pcr_close_case (migration 0007).
+SELECT held, written, complete, event_due, admitted, finished, promoted FROM pcr_close_case(
     %(lease)s, %(result)s, %(run)s, %(provider)s, %(status)s, %(fields)s::jsonb,
-    %(succeeded)s, %(skip_rest)s, %(keeper)s, %(ttl)s, %(event_interval)s)
+    %(succeeded)s, %(skip_rest)s, %(keeper)s, %(ttl)s, %(event_interval)s, %(runs)s,
+    %(per_user)s)
 
 -- name: claim_case
 -- Take over an admitted case's unclaimed, unexpired lease for this worker.

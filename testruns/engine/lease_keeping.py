@@ -1,7 +1,7 @@
 """What every worker process does besides running cases: a heartbeat thread that keeps the
 leases of the cases it is working on alive, a sweeper thread that repairs what others left
-behind, and a hand-back of held cases at start (an earlier process with our host and pid)
-and at shutdown.
+behind, a thread for the follow-ups of closed cases (engine.followups), and a hand-back of
+held cases at start (an earlier process with our host and pid) and at shutdown.
 
 Heartbeat and sweep run in separate threads so that a slow sweep (a broker or a channel
 layer that takes seconds to answer) can never let a live worker's leases expire, which
@@ -23,6 +23,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from testruns.engine import admission, gate, inflight, sweeper, worker_identity
+from testruns.engine.followups import followups
 from testruns.models import WorkerHeartbeat
 from testruns.ops import host_load
 
@@ -48,6 +49,7 @@ class LeaseKeeping:
             log.exception("handing back an earlier holder's cases failed")
         finally:
             connection.close()
+        followups.start()
         self.threads = [
             threading.Thread(target=self.beat, name="lease-heartbeat", daemon=True),
             threading.Thread(target=self.sweep, name="lease-sweeper", daemon=True),
@@ -60,6 +62,7 @@ class LeaseKeeping:
         another worker takes them without waiting for the lease TTL."""
         for thread in self.threads:
             thread.join(timeout=5)
+        followups.stop()
         try:
             handed = admission.hand_back(self.holder)
             if handed:

@@ -16,9 +16,10 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import InterfaceError, OperationalError, connection, transaction
-from django.db.models.functions import Now
 
 from testruns.engine import admission, gate, inflight
+from testruns.engine.followups import followups
+from testruns.engine.run_aggregates import store_run_aggregates
 from testruns.live import publish
 from testruns.models import TestResult, TestRun
 
@@ -272,8 +273,10 @@ STOPPING = (TestResult.Status.FAILED, TestResult.Status.ERROR)
 
 def record_case(run: TestRun, result: TestResult, lease_id: int, outcome: CaseOutcome) -> bool:
     """Write the outcome exactly once, update the run's totals, give back the call slot and
-    promote the next case, in one round trip (gate.close_case). Then, at most once per
-    progress interval, tell the pages. Returns True when the run has no case left."""
+    promote the next case, in one round trip (gate.close_case), which also finishes the run
+    after its last case. Telling the pages (at most once per progress interval, and at the
+    end) and storing a finished run's aggregates are follow-ups. Returns True when the run has
+    no case left but could not be finished in that call."""
     closed = admission.close_case(
         lease_id=lease_id,
         result_id=result.pk,
@@ -291,9 +294,27 @@ def record_case(run: TestRun, result: TestResult, lease_id: int, outcome: CaseOu
             "the case's lease was taken back before its result was recorded (it was "
             "reclaimed or cancelled, and may have run elsewhere); outcome discarded"
         )
-    if closed.event_due:
-        announce_progress(run.pk)
-    return closed.complete
+    if closed.run.status:
+        log.info("run finished: %s", closed.run.status, extra={"run_id": run.pk})
+        promoted = closed.run.promoted
+        followups.later(lambda: announce_finished(run, promoted))
+        followups.later(lambda: store_run_aggregates(run.pk))
+    elif closed.event_due:
+        followups.later(lambda: announce_progress(run.pk))
+    # Complete but not finished in that call: the run was cancelled meanwhile, or its "runs"
+    # row was gone; finish_run looks again (and creates the row).
+    return closed.complete and not closed.run.status
+
+
+def announce_finished(run: TestRun, promoted: list[gate.PromotedRun]) -> None:
+    """The run and the runs promoted into its slot are committed; telling their pages must
+    not make the case look unwritten. What fails here is logged: pages that miss it catch up
+    from their next snapshot, and the sweeper admits cases of promoted runs."""
+    try:
+        admission.announce_finished(run.pk, run.provider_id, promoted)
+    except Exception:
+        log.warning("the end of run %s could not be announced", run.pk, exc_info=True)
+        fresh_connection()
 
 
 def announce_progress(run_id: int) -> None:
@@ -308,22 +329,12 @@ def announce_progress(run_id: int) -> None:
 
 
 def finish_run(run_id: int) -> bool:
-    """Close a running run whose cases are all done and hand its slot to the next run."""
+    """Close a running run whose cases are all done and hand its slot to the next run (the
+    sweeper's repair, and the slower path when the "runs" row had to be created again)."""
     with transaction.atomic():
-        gate.lock_runs()
-        run = TestRun.objects.select_for_update().get(pk=run_id)
-        if run.status != TestRun.Status.RUNNING or run.done_count < run.total_cases:
-            return False
-        if run.error_count:
-            run.status = TestRun.Status.ERROR
-        elif run.failed_count:
-            run.status = TestRun.Status.FAILED
-        else:
-            run.status = TestRun.Status.SUCCEEDED
-        run.phase = TestRun.Phase.DONE
-        run.finished_at = Now()  # the database clock, like every time the gate writes
-        run.save(update_fields=["status", "phase", "finished_at"])
-        publish.announce(run_id)
-        admission.release_run(run_id)
-    log.info("run finished: %s", run.status, extra={"run_id": run_id})
+        status = admission.finish_run(run_id)
+    if status is None:
+        return False
+    log.info("run finished: %s", status, extra={"run_id": run_id})
+    store_run_aggregates(run_id)  # after the commit: the run slot is not held for the scan
     return True

@@ -9,10 +9,10 @@
 -- With the provider's semaphore row locked by the caller: per running run (priority desc,
 -- queued_at), take its first pending cases up to its own room (max_concurrent_tests minus its
 -- cases in flight), up to `free`; mark them running, lease them (the first one to `keeper`,
--- when given) and count them. Returns what it admitted.
+-- when given) and count them. Returns what it admitted, with each case's run.
 CREATE OR REPLACE FUNCTION pcr_admit_cases(
     p_sem bigint, p_provider bigint, p_free integer, p_ttl double precision, p_keeper text
-) RETURNS TABLE (result_id bigint, lease_id bigint, holder text)
+) RETURNS TABLE (result_id bigint, lease_id bigint, holder text, run_id bigint)
 LANGUAGE sql VOLATILE AS $$
     WITH runs AS (
         SELECT r.id, r.priority, r.queued_at, r.max_concurrent_tests -
@@ -39,12 +39,98 @@ LANGUAGE sql VOLATILE AS $$
         SELECT p_sem, CASE WHEN row_number() OVER (ORDER BY id) = 1 THEN p_keeper ELSE '' END,
                run_id, id, now(), now() + make_interval(secs => p_ttl)
         FROM promoted
-        RETURNING testruns_lease.result_id, testruns_lease.id, testruns_lease.holder
+        RETURNING testruns_lease.result_id, testruns_lease.id, testruns_lease.holder,
+                  testruns_lease.run_id
     ), counted AS (
         UPDATE testruns_semaphore SET in_use = in_use + (SELECT count(*) FROM leased)
         WHERE id = p_sem
     )
-    SELECT leased.result_id, leased.id, leased.holder FROM leased
+    SELECT leased.result_id, leased.id, leased.holder, leased.run_id FROM leased
+$$;
+
+-- With the "runs" semaphore row locked by the caller (its id `p_sem`): pick up to `p_free`
+-- queued runs in queue order, skipping runs whose launcher is at the per-user limit (the row
+-- named `p_per_user`); mark them running, lease their slots, count them.
+CREATE OR REPLACE FUNCTION pcr_admit_runs(p_sem bigint, p_free integer, p_per_user text)
+RETURNS TABLE (run_id bigint, provider_id bigint)
+LANGUAGE sql VOLATILE AS $$
+    WITH user_limit AS (
+        SELECT COALESCE((SELECT "limit" FROM testruns_semaphore WHERE name = p_per_user), 0) AS n
+    ), running_per_user AS (
+        SELECT r.launched_by_id AS user_id, count(*) AS n
+        FROM testruns_lease l JOIN testruns_testrun r ON r.id = l.run_id
+        WHERE l.semaphore_id = p_sem AND l.result_id IS NULL
+        GROUP BY r.launched_by_id
+    ), queue AS (
+        SELECT r.id, r.priority, r.queued_at, r.launched_by_id,
+               row_number() OVER (PARTITION BY r.launched_by_id
+                                  ORDER BY r.priority DESC, r.queued_at, r.id) AS nth_of_user
+        FROM testruns_testrun r
+        WHERE r.status = 'queued' AND NOT r.cancel_requested
+    ), chosen AS (
+        SELECT q.id FROM queue q LEFT JOIN running_per_user u ON u.user_id = q.launched_by_id
+        WHERE (SELECT n FROM user_limit) = 0 OR q.launched_by_id IS NULL
+           OR q.nth_of_user + COALESCE(u.n, 0) <= (SELECT n FROM user_limit)
+        ORDER BY q.priority DESC, q.queued_at, q.id
+        LIMIT GREATEST(p_free, 0)
+    ), promoted AS (
+        UPDATE testruns_testrun r SET status = 'running', phase = 'generating',
+            started_at = statement_timestamp()
+        FROM chosen WHERE r.id = chosen.id AND r.status = 'queued'
+        RETURNING r.id, r.provider_id
+    ), leased AS (
+        -- A run slot is held until the run ends; only case leases are heartbeated and expire.
+        INSERT INTO testruns_lease (semaphore_id, holder, run_id, acquired_at, expires_at)
+        SELECT p_sem, 'run:' || id, id, now(), now() + interval '100 years' FROM promoted
+        RETURNING testruns_lease.run_id
+    ), counted AS (
+        UPDATE testruns_semaphore SET in_use = in_use + (SELECT count(*) FROM leased)
+        WHERE id = p_sem
+    )
+    SELECT promoted.id, promoted.provider_id FROM promoted ORDER BY promoted.id
+$$;
+
+-- Close a running run whose every case is done and hand its slot on: lock the "runs" row
+-- (`p_runs`), set the run's final status from its totals, give back its slot and promote
+-- the next runs. `finished` is NULL when there was nothing to finish, and also when the
+-- "runs" row is missing (deleted in the admin): the caller's slower path creates it again.
+CREATE OR REPLACE FUNCTION pcr_finish_run(p_run bigint, p_runs text, p_per_user text)
+RETURNS TABLE (finished text, promoted jsonb)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_sem bigint;
+    v_limit integer;
+    v_in_use integer;
+BEGIN
+    finished := NULL; promoted := '[]'::jsonb;
+    SELECT id INTO v_sem FROM testruns_semaphore WHERE name = p_runs FOR UPDATE;
+    IF v_sem IS NULL THEN
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    UPDATE testruns_testrun SET phase = 'done', finished_at = now(),
+        status = CASE WHEN error_count > 0 THEN 'error' WHEN failed_count > 0 THEN 'failed'
+                      ELSE 'succeeded' END
+    WHERE id = p_run AND status = 'running' AND done_count >= total_cases
+    RETURNING status INTO finished;
+    IF finished IS NULL THEN
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    WITH gone AS (
+        DELETE FROM testruns_lease WHERE run_id = p_run AND result_id IS NULL
+        RETURNING semaphore_id
+    )
+    UPDATE testruns_semaphore s SET in_use = s.in_use - g.n
+    FROM (SELECT semaphore_id, count(*) AS n FROM gone GROUP BY semaphore_id) g
+    WHERE s.id = g.semaphore_id;
+    SELECT "limit", in_use INTO v_limit, v_in_use FROM testruns_semaphore WHERE id = v_sem;
+    IF v_in_use < v_limit THEN
+        SELECT COALESCE(jsonb_agg(jsonb_build_array(a.run_id, a.provider_id)), '[]'::jsonb)
+        INTO promoted FROM pcr_admit_runs(v_sem, v_limit - v_in_use, p_per_user) a;
+    END IF;
+    RETURN NEXT;
+END
 $$;
 
 -- A finished case, in one call (one round trip, one transaction in autocommit):
@@ -55,13 +141,17 @@ $$;
 --    columns `p_fields` names over the row's own (jsonb_populate_record);
 -- 4. skip the run's pending cases when `p_skip_rest` (stop on failure); add to the totals,
 --    and say whether the run is complete and whether a progress event is due;
--- 5. promote waiting cases into the free slots (the first kept for `p_keeper`).
+-- 5. if that was the run's last case, finish the run and promote the next runs
+--    (pcr_finish_run: "runs" is locked after the provider's row, in name order);
+-- 6. promote waiting cases into the free slots (the first kept for `p_keeper`), a run just
+--    promoted on this provider included: a run hands over to the next in the same call.
 CREATE OR REPLACE FUNCTION pcr_close_case(
     p_lease bigint, p_result bigint, p_run bigint, p_provider bigint,
     p_status text, p_fields jsonb, p_succeeded boolean, p_skip_rest boolean,
-    p_keeper text, p_ttl double precision, p_event_interval double precision
+    p_keeper text, p_ttl double precision, p_event_interval double precision,
+    p_runs text, p_per_user text
 ) RETURNS TABLE (held boolean, written boolean, complete boolean, event_due boolean,
-                 admitted jsonb)
+                 admitted jsonb, finished text, promoted jsonb)
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     v_sem bigint;
@@ -77,7 +167,7 @@ DECLARE
     v_last_event timestamptz;
 BEGIN
     held := false; written := false; complete := false; event_due := false;
-    admitted := '[]'::jsonb;
+    admitted := '[]'::jsonb; finished := NULL; promoted := '[]'::jsonb;
 
     WITH gone AS (DELETE FROM testruns_lease WHERE id = p_lease RETURNING 1)
     UPDATE testruns_semaphore s SET in_use = s.in_use - (SELECT count(*) FROM gone),
@@ -126,13 +216,18 @@ BEGIN
         complete := v_done >= v_total;
         event_due := v_last_event IS NULL
             OR v_last_event < clock_timestamp() - make_interval(secs => p_event_interval);
+        IF complete THEN
+            SELECT f.finished, f.promoted INTO finished, promoted
+            FROM pcr_finish_run(p_run, p_runs, p_per_user) f;
+        END IF;
     END IF;
 
     v_ceiling := CASE WHEN v_effective IS NULL THEN v_limit
                       ELSE LEAST(v_limit, floor(v_effective)::integer) END;
     IF v_in_use < v_ceiling THEN
-        SELECT COALESCE(jsonb_agg(jsonb_build_array(a.result_id, a.lease_id, a.holder)),
-                        '[]'::jsonb)
+        SELECT COALESCE(
+                   jsonb_agg(jsonb_build_array(a.result_id, a.lease_id, a.holder, a.run_id)),
+                   '[]'::jsonb)
         INTO admitted
         FROM pcr_admit_cases(v_sem, p_provider, v_ceiling - v_in_use, p_ttl, p_keeper) a;
     END IF;

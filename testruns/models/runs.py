@@ -102,6 +102,14 @@ class TestRun(models.Model):
     tokens_out = models.PositiveBigIntegerField(default=0)
     cost = models.DecimalField(max_digits=14, decimal_places=6, default=0)
 
+    # Aggregates over the results, stored once the run has finished (engine.run_aggregates)
+    # so that a report or the history of a 10,000-case run does not recompute them per view.
+    # `aggregated_at` is null until they are stored; the counts above are kept while it runs.
+    latency_p50_ms = models.FloatField(null=True, blank=True)
+    latency_p95_ms = models.FloatField(null=True, blank=True)
+    skipped_count = models.PositiveIntegerField(default=0)
+    aggregated_at = models.DateTimeField(null=True, blank=True)
+
     class Meta:
         ordering = ["-queued_at"]
         permissions = [
@@ -117,6 +125,8 @@ class TestRun(models.Model):
             models.Index(fields=["card", "provider", "-finished_at"], name="run_card_history"),
             models.Index(fields=["status", "-queued_at"], name="run_status_recent"),
             models.Index(fields=["launched_by", "-queued_at"], name="run_launcher_recent"),
+            # The history's order: its first page reads 25 index entries, not every run.
+            models.Index(fields=["-queued_at", "-id"], name="run_recent"),
         ]
 
     def __str__(self) -> str:

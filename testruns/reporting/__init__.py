@@ -2,5 +2,6 @@
 definition), baselines and regressions, comparison, and export formats (JSON, JUnit, CSV).
 
 May import: testruns.engine (names and read helpers), testruns.live (snapshots),
-testruns.catalog, testruns.models. Never writes run state.
+testruns.catalog, testruns.models. Never writes run state, except a finished run's stored
+aggregates, once, when a report finds them missing (engine.run_aggregates).
 """

@@ -8,10 +8,13 @@ error <error>, a skipped or never-run case <skipped>. The output goes in <system
 
 from __future__ import annotations
 
+import json
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from decimal import Decimal
+
+from django.core.serializers.json import DjangoJSONEncoder
 
 from testruns.models import TestResult, TestRun
 from testruns.reporting import statistics
@@ -135,8 +138,8 @@ def _plain(value: object) -> object:
     return value
 
 
-def run_json(run: TestRun) -> dict:
-    """One run as a JSON-ready document: what ran, its totals and statistics, every result."""
+def run_summary(run: TestRun) -> dict:
+    """run_json() without its results: what ran, its totals and statistics."""
     stats = {key: _plain(value) for key, value in run_statistics(run).items()}
     return {
         "run": {
@@ -172,11 +175,37 @@ def run_json(run: TestRun) -> dict:
             "cost": _plain(run.cost),
         },
         "statistics": stats,
-        "results": [
-            {field: _plain(getattr(result, field)) for field in RESULT_FIELDS}
-            for result in _results(run)
-        ],
     }
+
+
+def results_json(run: TestRun) -> Iterator[dict]:
+    """The run's results as JSON-ready dicts of RESULT_FIELDS, in case order, read a chunk at
+    a time as plain values (building a model instance per row took half the time)."""
+    rows = run.results.order_by("position").values(*RESULT_FIELDS)
+    for row in rows.iterator(chunk_size=500):
+        yield {field: _plain(value) for field, value in row.items()}
+
+
+def run_json(run: TestRun) -> dict:
+    """One run as a JSON-ready document: what ran, its totals and statistics, every result."""
+    return run_summary(run) | {"results": list(results_json(run))}
+
+
+def run_json_text(run: TestRun, *, indent: int = 2) -> Iterator[str]:
+    """run_json() as text, a result at a time: the very characters of
+    `json.dumps(run_json(run), indent=indent, cls=DjangoJSONEncoder)` (what the report page's
+    JSON download always was), without holding every result in memory at once."""
+    head = json.dumps(run_summary(run) | {"results": []}, indent=indent, cls=DjangoJSONEncoder)
+    # "results" is the last key, so the dump ends with its empty list and the closing brace.
+    yield head[: -len("[]\n}")]
+    # Each result sits two levels deep: its own dump, every line indented twice more.
+    margin = "\n" + " " * (2 * indent)
+    separator = "[" + margin
+    encoder = DjangoJSONEncoder(indent=indent)
+    for result in results_json(run):
+        yield separator + encoder.encode(result).replace("\n", margin)
+        separator = "," + margin
+    yield "[]\n}" if separator.startswith("[") else "\n" + " " * indent + "]\n}"
 
 
 def pass_rate(runs: Iterable[TestRun]) -> float | None:

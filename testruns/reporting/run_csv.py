@@ -27,6 +27,11 @@ CSV_COLUMNS = [
     "variables",
 ]
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# The result's fields behind CSV_COLUMNS, in their order.
+SOURCE_FIELDS = (
+    "position", "case_name", "status", "score", "latency_ms", "tokens_in", "tokens_out", "cost",
+    "attempts", "cached", "assertion_results", "error", "output", "variables",
+)  # fmt: skip
 
 
 class _Echo:
@@ -48,28 +53,33 @@ def assertion_summary(outcomes: list[dict]) -> str:
 
 
 def csv_rows(run: TestRun) -> Iterator[str]:
-    """The per-case table, one line at a time (a 10,000-case run streams)."""
+    """The per-case table, one line at a time (a 10,000-case run streams). Rows are read as
+    tuples of the columns shown: building a model instance per row took half the time."""
     writer = csv.writer(_Echo())
     yield writer.writerow(CSV_COLUMNS)
-    for r in run.results.order_by("position").iterator(chunk_size=500):
+    rows = run.results.order_by("position").values_list(*SOURCE_FIELDS)
+    for (
+        position, name, status, score, latency_ms, tokens_in, tokens_out, cost, attempts,
+        cached, assertion_results, error, output, variables,
+    ) in rows.iterator(chunk_size=500):  # fmt: skip
         yield writer.writerow(
             [
                 _cell(v)
                 for v in (
-                    r.position + 1,
-                    r.case_name,
-                    r.status,
-                    r.score,
-                    r.latency_ms,
-                    r.tokens_in,
-                    r.tokens_out,
-                    r.cost,
-                    r.attempts,
-                    r.cached,
-                    assertion_summary(r.assertion_results),
-                    r.error,
-                    r.output,
-                    json.dumps(r.variables, ensure_ascii=False),
+                    position + 1,
+                    name,
+                    status,
+                    score,
+                    latency_ms,
+                    tokens_in,
+                    tokens_out,
+                    cost,
+                    attempts,
+                    cached,
+                    assertion_summary(assertion_results),
+                    error,
+                    output,
+                    json.dumps(variables, ensure_ascii=False),
                 )
             ]
         )

@@ -23,14 +23,17 @@ from testruns.live import snapshots
 from testruns.models import PromptCard, TestRun
 from testruns.reporting import run_csv
 from testruns.reporting.access import can_cancel, get_run_for_user, runs_visible_to
-from testruns.reporting.baselines import baseline_for, case_key, changes_since
-from testruns.reporting.comparison import fill_cells, side_by_side
-from testruns.reporting.formats import junit_xml, run_json
+from testruns.reporting.baselines import baseline_for, changes_since
+from testruns.reporting.comparison import fill_cells, paginate, side_by_side
+from testruns.reporting.formats import junit_xml, run_json_text
 from testruns.reporting.history import card_trends, filter_runs, run_statistics
+from testruns.web.downloads import download
 from testruns.web.forms import HistoryFilterForm, LaunchForm
 
 HISTORY_PAGE_SIZE = 25
 REPORT_PAGE_SIZE = 50
+# What the report's case table does not show of a result, left unread.
+REPORT_UNUSED_FIELDS = ("prompt", "variables", "assertions")
 COMPARE_PAGE_SIZE = 50
 MAX_COMPARED_RUNS = 8
 TREND_CHARTS = 6
@@ -237,18 +240,15 @@ def report(request, pk) -> HttpResponse:
     if request.GET.get("baseline"):
         baseline = get_run_for_user(request.user, request.GET["baseline"])
     baseline = baseline or baseline_for(request.user, run)
-    changes = changes_since(baseline, run) if baseline else None
-    marks = {}
-    if changes:
-        marks = {c.key: "regression" for c in changes["regressions"]} | {
-            c.key: "fix" for c in changes["fixes"]
-        }
     status = request.GET.get("status", "")
-    results = run.results.order_by("position")
+    results = run.results.order_by("position").defer(*REPORT_UNUSED_FIELDS)
     if status:
         results = results.filter(status=status)
     page = Paginator(results, REPORT_PAGE_SIZE).get_page(request.GET.get("page"))
-    rows = [(result, marks.get(case_key(result.case_id, result.case_name))) for result in page]
+    positions = [result.position for result in page]
+    changes = changes_since(baseline, run, positions=positions) if baseline else None
+    marks = changes["marks"] if changes else {}
+    rows = [(result, marks.get(result.position)) for result in page]
     return render(
         request,
         "testruns/report.html",
@@ -288,17 +288,20 @@ def _download_name(run: TestRun, extension: str) -> str:
 @require_GET
 def report_csv(request, pk) -> StreamingHttpResponse:
     run = _run_or_404(request, pk)
-    response = StreamingHttpResponse(run_csv.csv_rows(run), content_type="text/csv")
-    response["Content-Disposition"] = f'attachment; filename="{_download_name(run, "csv")}"'
-    return response
+    return download(
+        request, run_csv.csv_rows(run), content_type="text/csv", filename=_download_name(run, "csv")
+    )
 
 
 @require_GET
-def report_json(request, pk) -> HttpResponse:
+def report_json(request, pk) -> StreamingHttpResponse:
     run = _run_or_404(request, pk)
-    response = JsonResponse(run_json(run), json_dumps_params={"indent": 2})
-    response["Content-Disposition"] = f'attachment; filename="{_download_name(run, "json")}"'
-    return response
+    return download(
+        request,
+        run_json_text(run),
+        content_type="application/json",
+        filename=_download_name(run, "json"),
+    )
 
 
 @require_GET
@@ -315,9 +318,11 @@ def report_junit(request, pk) -> HttpResponse:
 @require_GET
 def compare(request) -> HttpResponse:
     """Any two or more runs side by side: GET ?runs=1,2,3[&diff=1]."""
-    ids = [part for part in request.GET.get("runs", "").replace(" ", "").split(",") if part]
-    runs = [get_run_for_user(request.user, pk) for pk in dict.fromkeys(ids)]
-    runs = [run for run in runs if run is not None][:MAX_COMPARED_RUNS]
+    parts = request.GET.get("runs", "").replace(" ", "").split(",")
+    ids = list(dict.fromkeys(int(p) for p in parts if p.isascii() and p.isdigit() and len(p) < 19))
+    # One query for them all; the first MAX_COMPARED_RUNS the user may see, in the URL's order.
+    found = runs_visible_to(request.user).in_bulk(ids)
+    runs = [found[pk] for pk in ids if pk in found][:MAX_COMPARED_RUNS]
     return _compare_page(request, runs, group=None)
 
 
@@ -335,8 +340,8 @@ def comparison(request, group) -> HttpResponse:
 
 def _compare_page(request, runs: list[TestRun], *, group):
     differences_only = request.GET.get("diff") == "1"
-    rows = side_by_side(runs, differences_only=differences_only) if runs else []
-    page = Paginator(rows, COMPARE_PAGE_SIZE).get_page(request.GET.get("page"))
+    rows = side_by_side(runs, differences_only=differences_only)
+    page = paginate(rows, request.GET.get("page"), COMPARE_PAGE_SIZE)
     fill_cells(runs, list(page))
     query = request.GET.copy()
     query.pop("page", None)
