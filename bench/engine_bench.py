@@ -2,6 +2,7 @@
 
     make bench                        # throwaway PostgreSQL and Redis, real worker processes
     BENCH_ONLY=makespan make bench    # one of: pairs, handover, makespan, long_run
+    BENCH_BEFORE=1 make bench         # BENCH_BASELINE's own table first (before / after)
 
 Not a test: it asserts nothing and takes a few minutes. Figures go to docs/benchmarks.md.
 """
@@ -94,6 +95,7 @@ class Workers:
 
     def __init__(self, processes: int, threads: int):
         env = dict(os.environ, DATABASE_URL=database_url(), LOG_LEVEL="INFO")
+        connected_before = client_connections()
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -121,6 +123,13 @@ class Workers:
                 raise RuntimeError("workers exited during boot")
             ready += "ready for action" in line
         threading.Thread(target=self.process.stderr.read, daemon=True).start()
+        # Booted means every worker thread holds its database connection (opened at thread
+        # boot), so that a measure starting now does not time connection setup.
+        deadline = time.monotonic() + 60
+        while client_connections() < connected_before + processes * threads:
+            if time.monotonic() > deadline:
+                raise RuntimeError("worker threads did not connect")
+            time.sleep(0.02)
 
     def family(self) -> list[psutil.Process]:
         parent = psutil.Process(self.process.pid)
@@ -129,6 +138,15 @@ class Workers:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(30)
+
+
+def client_connections() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend'"
+        )
+        return cursor.fetchone()[0]
 
 
 def database_url() -> str:
@@ -390,6 +408,14 @@ def bench_makespan() -> None:
             f"{100 * ideal / makespan:.1f} % ({makespan:.2f} s, ideal {ideal:.1f} s)",
             ">= 97 %" if latency < 1 else ">= 99.5 %",
         )
+        finished = sorted(run.results.values_list("finished_at", flat=True))
+        report(
+            f"  where the rest went ({latency * 1000:.0f} ms): admission to first answer "
+            "minus latency / per wave / last answer to run finished",
+            f"{((finished[0] - run.started_at).total_seconds() - latency) * 1000:.0f} ms / "
+            f"{((finished[-1] - finished[0]).total_seconds() / 124 - latency) * 1000:.1f} ms / "
+            f"{(run.finished_at - finished[-1]).total_seconds() * 1000:.0f} ms",
+        )
 
 
 # --- 4. CPU and memory over a long run -----------------------------------------------------
@@ -456,8 +482,18 @@ def long_run(cases: int) -> float:
 
 
 def baseline_cpu_per_case() -> float:
-    """BASELINE's own bench_long_run, from a checkout of that commit, on a database of its
-    own (its schema is its migrations'), with the same PostgreSQL, Redis and interpreter."""
+    """BASELINE's own bench_long_run (see run_baseline_bench)."""
+    printed = run_baseline_bench("long_run")
+    match = re.search(r"worker CPU per case \([\d,]+ cases\): ([\d.]+) ms", printed)
+    if not match:
+        raise RuntimeError(f"the baseline bench printed no CPU figure:\n{printed}")
+    return float(match.group(1))
+
+
+def run_baseline_bench(only: str = "") -> str:
+    """BASELINE's bench script, from a checkout of that commit, on a database of its own (its
+    schema is its migrations'), with the same PostgreSQL, Redis and interpreter. Returns what
+    it printed."""
     checkout = Path(tempfile.mkdtemp(prefix="pcr-baseline-"))
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", BASELINE], check=True, capture_output=True
@@ -468,7 +504,7 @@ def baseline_cpu_per_case() -> float:
         cursor.execute("CREATE DATABASE bench_baseline")
     parts = urlsplit(os.environ["DATABASE_URL"])
     env = dict(os.environ, DATABASE_URL=urlunsplit(parts._replace(path="/bench_baseline")))
-    env["BENCH_ONLY"] = "long_run"
+    env["BENCH_ONLY"] = only
     done = subprocess.run(
         [sys.executable, "bench/engine_bench.py"],
         cwd=checkout,
@@ -478,10 +514,7 @@ def baseline_cpu_per_case() -> float:
         check=True,
     )
     shutil.rmtree(checkout)
-    match = re.search(r"worker CPU per case \([\d,]+ cases\): ([\d.]+) ms", done.stdout)
-    if not match:
-        raise RuntimeError(f"the baseline bench printed no CPU figure:\n{done.stdout}")
-    return float(match.group(1))
+    return done.stdout
 
 
 def main() -> None:
@@ -492,6 +525,9 @@ def main() -> None:
         flush=True,
     )
     only = os.environ.get("BENCH_ONLY", "")  # e.g. BENCH_ONLY=makespan
+    if os.environ.get("BENCH_BEFORE"):  # first the whole table of BASELINE, for before/after
+        print(f"commit {BASELINE}, its own bench:", flush=True)
+        print(run_baseline_bench(only), flush=True)
     for bench in (bench_pairs, bench_handover, bench_makespan, bench_long_run):
         if only and only not in bench.__name__:
             continue

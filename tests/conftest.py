@@ -19,7 +19,7 @@ from django.contrib.auth.models import Permission
 from django.db import connection
 from django.db.models import Count
 
-from project.embedded import free_port, port_is_open
+from project.embedded import die_with_parent, free_port, port_is_open
 from testruns.catalog.cards import snapshot_version
 from testruns.engine import admission, execution
 from testruns.models import PromptCard, Provider, Semaphore, TestCase, TestResult, TestRun
@@ -113,6 +113,8 @@ class ChildProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # A test session killed outright must not leave workers polling forever.
+            preexec_fn=die_with_parent(),
         )
 
     def output(self) -> str:

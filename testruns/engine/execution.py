@@ -83,7 +83,7 @@ def execute_case(
     """
     lease_id = gate.claim_case(result_id, holder)
     chain_started, budget = time.monotonic(), handover_budget_seconds()
-    run = None
+    run, case = None, None
     while lease_id is not None:
         young = time.monotonic() - chain_started < budget
         taken: list[gate.Admitted] = []
@@ -92,7 +92,7 @@ def execute_case(
                 inflight.holding(lease_id),
                 admission.handing_over_to(holder if young and keep_going() else None) as taken,
             ):
-                run = run_claimed_case(result_id, lease_id, run)
+                run = run_claimed_case(result_id, lease_id, run, case)
         except BaseException:
             # An interrupt after the hand-over: the case kept for this thread would never
             # start; it goes back to the queue now rather than when its lease runs out.
@@ -101,35 +101,41 @@ def execute_case(
             raise
         if not taken:
             return
-        result_id, lease_id = taken[0].result_id, taken[0].lease_id
+        result_id, lease_id, case = taken[0].result_id, taken[0].lease_id, taken[0].case
         if run is not None and taken[0].run_id != run.pk:
             run = None  # the slot went to another run's case: load that run with it
 
 
-def run_claimed_case(result_id: int, lease_id: int, run: TestRun | None = None) -> TestRun | None:
+def run_claimed_case(
+    result_id: int, lease_id: int, run: TestRun | None = None, case: dict | None = None
+) -> TestRun | None:
     """Run a claimed case and record its outcome; never leaves it `running` with its lease
     held by this process. Raises only the interrupts it was given (time limit, shutdown),
     after recording or handing back the case. Returns the case's run (with its version and
     providers) for the next case of a hand-over chain: a run's settings do not change once it
-    is launched, so a chain loads them once, and then only each case's own row."""
+    is launched, so a chain loads them once, and then only each case's own row, unless the
+    hand-over brought its fields (`case`)."""
     # With DEBUG on, Django keeps every query of a connection until a request starts; a
     # worker thread never starts one.
     reset_queries()
     try:
-        return _run_and_close(result_id, lease_id, run)
+        return _run_and_close(result_id, lease_id, run, case)
     except BaseException as exc:  # Exceptions are dealt with inside: these are interrupts
         _interrupted(result_id, lease_id, exc)
         raise
 
 
 # What running a case reads from its result row; the rest of the row is what it writes.
-CASE_FIELDS = ("run_id", "case_id", "position", "variables", "assertions", "threshold")
+CASE_FIELDS = ("run_id", "case_id", "position", "case_name", "variables", "assertions", "threshold")
 
 
-def load_case(result_id: int, run: TestRun | None) -> TestResult:
+def load_case(result_id: int, run: TestRun | None, case: dict | None = None) -> TestResult:
     """The result to run, with its run: only the case's own columns when `run` (the previous
-    case's, in a chain) is the one it belongs to. Compiling the query with the run, its
-    version and providers joined in costs more CPU than running a fast case."""
+    case's, in a chain) is the one it belongs to, and no query at all when the hand-over
+    brought them (`case`). Compiling the query with the run, its version and providers
+    joined in costs more CPU than running a fast case."""
+    if run is not None and case is not None:
+        return TestResult(pk=result_id, run=run, status=TestResult.Status.RUNNING, **case)
     if run is not None:
         result = TestResult.objects.only(*CASE_FIELDS).get(pk=result_id)
         if result.run_id == run.pk:  # as the admission said; a guard, not a second query
@@ -140,9 +146,11 @@ def load_case(result_id: int, run: TestRun | None) -> TestResult:
     ).get(pk=result_id)
 
 
-def _run_and_close(result_id: int, lease_id: int, run: TestRun | None) -> TestRun | None:
+def _run_and_close(
+    result_id: int, lease_id: int, run: TestRun | None, case: dict | None
+) -> TestRun | None:
     try:
-        result = load_case(result_id, run)
+        result = load_case(result_id, run, case)
     except Exception:
         log.exception("case %s could not be loaded; its lease goes to the sweeper", result_id)
         forsake(lease_id)

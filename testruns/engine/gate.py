@@ -182,6 +182,8 @@ class Admitted:
     lease_id: int
     holder: str = ""  # "" waits for a worker to claim it; else it was kept for that holder
     run_id: int | None = None
+    # For a case kept by close_case: the fields running it reads (execution.CASE_FIELDS).
+    case: dict | None = None
 
 
 def admit_cases_locked(

@@ -143,8 +143,9 @@ $$;
 --    and say whether the run is complete and whether a progress event is due;
 -- 5. if that was the run's last case, finish the run and promote the next runs
 --    (pcr_finish_run: "runs" is locked after the provider's row, in name order);
--- 6. promote waiting cases into the free slots (the first kept for `p_keeper`), a run just
---    promoted on this provider included: a run hands over to the next in the same call.
+-- 6. promote waiting cases into the free slots (the first kept for `p_keeper`, with its
+--    case's fields), a run just promoted on this provider included: a run hands over to the
+--    next in the same call.
 CREATE OR REPLACE FUNCTION pcr_close_case(
     p_lease bigint, p_result bigint, p_run bigint, p_provider bigint,
     p_status text, p_fields jsonb, p_succeeded boolean, p_skip_rest boolean,
@@ -225,11 +226,17 @@ BEGIN
     v_ceiling := CASE WHEN v_effective IS NULL THEN v_limit
                       ELSE LEAST(v_limit, floor(v_effective)::integer) END;
     IF v_in_use < v_ceiling THEN
-        SELECT COALESCE(
-                   jsonb_agg(jsonb_build_array(a.result_id, a.lease_id, a.holder, a.run_id)),
-                   '[]'::jsonb)
+        -- The case kept for the keeper comes with what running it reads (its thread then
+        -- needs no query to load it).
+        SELECT COALESCE(jsonb_agg(jsonb_build_array(
+                   a.result_id, a.lease_id, a.holder, a.run_id,
+                   CASE WHEN a.holder <> '' THEN jsonb_build_object(
+                       'case_id', t.case_id, 'position', t.position, 'case_name', t.case_name,
+                       'variables', t.variables, 'assertions', t.assertions,
+                       'threshold', t.threshold) END)), '[]'::jsonb)
         INTO admitted
-        FROM pcr_admit_cases(v_sem, p_provider, v_ceiling - v_in_use, p_ttl, p_keeper) a;
+        FROM pcr_admit_cases(v_sem, p_provider, v_ceiling - v_in_use, p_ttl, p_keeper) a
+        JOIN testruns_testresult t ON t.id = a.result_id;
     END IF;
     RETURN NEXT;
 END
