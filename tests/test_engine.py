@@ -3,6 +3,7 @@ OpenAI-compatible server over HTTP that records its peak concurrency."""
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import sys
@@ -312,3 +313,34 @@ def test_a_busy_host_leaves_cases_to_other_workers(
     wait_for(lambda: all_finished([run]), timeout=60, what="the other worker to run it")
     run.refresh_from_db()
     assert run.status == "succeeded" and run.passed_count == 3
+
+
+def test_cancelling_a_run_with_repeats_keeps_the_calls_already_paid_for(
+    worker_factory, fake_llm, llm_provider, make_card
+):
+    answers = itertools.count()
+    # Two answers, then the third call of the case hangs until the run is cancelled.
+    fake_llm.reply_with(lambda prompt: FakeReply(hang=True) if next(answers) >= 2 else "N0 ok")
+    run = launching.launch_run(
+        card=make_card(cases=1), provider=llm_provider, repeats=5, timeout_seconds=120
+    )
+    worker_factory(processes=1, threads=1, env={"SWEEP_INTERVAL_SECONDS": "0.5"})
+    wait_for(lambda: fake_llm.in_flight == 1 and len(fake_llm.requests) == 3, what="call 3")
+
+    assert launching.cancel_run(run)
+    (result,) = TestResult.objects.filter(run=run)
+    wait_for(
+        lambda: TestResult.objects.filter(pk=result.pk, attempts__gt=0).exists(),
+        what="the worker to keep what the case had spent",
+    )
+    result.refresh_from_db()
+    run.refresh_from_db()
+    assert (run.status, result.status) == ("cancelled", "skipped")
+    assert [r["output"] for r in result.repeat_results] == ["N0 ok", "N0 ok"]
+    assert result.tokens_out > 0 and result.cost > 0
+    assert (run.tokens_in, run.tokens_out, run.cost) == (
+        result.tokens_in,
+        result.tokens_out,
+        result.cost,
+    )
+    assert "cancelled" in result.error

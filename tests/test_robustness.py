@@ -645,3 +645,26 @@ def test_one_worker_thread_survives_every_bad_answer_and_goes_on(
     )
     assert TestRun.objects.get(pk=again.pk).status == "succeeded"
     assert worker.process.poll() is None
+
+
+def test_threads_taking_their_first_cases_at_once_share_one_holder_id():
+    """Two boot ids in one process made the boot's hand-back of "an earlier process with our
+    pid" take a case from a sibling thread, which then ran twice."""
+    script = (
+        "import threading\n"
+        "from testruns.engine import worker_identity\n"
+        "start, ids = threading.Barrier(16), set()\n"
+        "def take():\n"
+        "    start.wait()\n"
+        "    ids.add(worker_identity.holder_id())\n"
+        "threads = [threading.Thread(target=take) for _ in range(16)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "print(len(ids))\n"
+    )
+    for _ in range(10):  # a race: fresh processes, each with its first draw contended
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "1"

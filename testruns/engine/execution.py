@@ -45,6 +45,7 @@ from testruns.engine.recording import (
     close_case,
     forsake,
     hand_back_case,
+    keep_spent,
     unexpected,
 )
 from testruns.models import TestResult, TestRun
@@ -161,8 +162,9 @@ def _run_and_close(
         try:
             with inflight.watching(lease_id) as lost:
                 outcome = run_case(run, result, lost)
-        except inflight.CaseAbandoned:
+        except inflight.CaseAbandoned as exc:
             log.info("case abandoned: its lease is gone")
+            keep_spent(run, result, getattr(exc, "spent", None))
             return run
         except Exception as exc:  # whatever nobody foresaw belongs to this case
             log.exception("case failed with an unexpected error")
@@ -253,8 +255,14 @@ def run_case(run: TestRun, result: TestResult, lost: threading.Event | None = No
             throttled=tracker.throttled,
             notes=tracker.notes,
         )
-    except inflight.CaseAbandoned:
-        raise  # its outcome would be thrown away: nothing to record
+    except inflight.CaseAbandoned as exc:
+        # Its outcome is not ours to record; but if its run was cancelled, the calls it
+        # finished were paid for, and recording.keep_spent keeps them on its result.
+        exc.spent = CaseOutcome(
+            TestResult.Status.SKIPPED,
+            {"prompt": prompt, **repeat_fields(run, repeats), **tracker.fields()},
+        )
+        raise
     except Exception as exc:  # in the assertions, the grader, ...: still this case's result
         log.exception("case failed with an unexpected error")
         outcome = unexpected(exc, {"prompt": prompt, **tracker.fields()})

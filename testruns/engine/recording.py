@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db.models import F
 
 from testruns.engine import admission, gate, inflight
 from testruns.engine.followups import followups
@@ -294,6 +295,7 @@ def record_case(run: TestRun, result: TestResult, lease_id: int, outcome: CaseOu
             "the case's lease was taken back before its result was recorded (it was "
             "reclaimed or cancelled, and may have run elsewhere); outcome discarded"
         )
+        keep_spent(run, result, outcome)
     if closed.run.status:
         log.info("run finished: %s", closed.run.status, extra={"run_id": run.pk})
         promoted = closed.run.promoted
@@ -304,6 +306,54 @@ def record_case(run: TestRun, result: TestResult, lease_id: int, outcome: CaseOu
     # Complete but not finished in that call: the run was cancelled meanwhile, or its "runs"
     # row was gone; finish_run looks again (and creates the row).
     return closed.complete and not closed.run.status
+
+
+# What a cancelled case keeps of the calls it finished (the rest of its outcome is dropped:
+# a verdict on a case nobody let finish would be misleading).
+SPENT_FIELDS = (
+    "prompt",
+    "repeat_results",
+    "repeat_passes",
+    "tokens_in",
+    "tokens_out",
+    "cost",
+    "attempts",
+    "cached",
+)
+
+
+def keep_spent(run: TestRun, result: TestResult, spent: CaseOutcome | None) -> bool:
+    """A case whose run was cancelled while it ran: the model calls it finished were paid
+    for, so its (skipped) result keeps their repeats, tokens and cost, and the run's totals
+    count them. Only for a cancelled run (a case reclaimed from a stalled worker runs again
+    and is counted there) and only once per result (two executions of one case may both get
+    here). Returns whether anything was kept; never raises an Exception."""
+    answered = spent and any(
+        spent.fields.get(k) for k in ("repeat_results", "tokens_in", "tokens_out")
+    )
+    if not answered:
+        return False
+    try:
+        fields = {k: v for k, v in storable(spent).fields.items() if k in SPENT_FIELDS}
+        fields["error"] = "the run was cancelled while this case ran; the answers it had are kept"
+        with transaction.atomic():
+            kept = TestResult.objects.filter(
+                pk=result.pk,
+                status=TestResult.Status.SKIPPED,
+                attempts=0,
+                run__status=TestRun.Status.CANCELLED,
+            ).update(**fields)
+            if kept:
+                TestRun.objects.filter(pk=run.pk).update(
+                    tokens_in=F("tokens_in") + fields.get("tokens_in", 0),
+                    tokens_out=F("tokens_out") + fields.get("tokens_out", 0),
+                    cost=F("cost") + fields.get("cost", 0),
+                )
+        return bool(kept)
+    except Exception:
+        log.warning("what case %s had spent could not be kept", result.pk, exc_info=True)
+        fresh_connection()
+        return False
 
 
 def announce_finished(run: TestRun, promoted: list[gate.PromotedRun]) -> None:

@@ -22,6 +22,7 @@ class LeaseKeeper(dramatiq.Middleware):
         many) lets one process hoard admitted cases that then wait behind threads busy
         handing cases to themselves, while they hold call slots and other processes idle."""
         worker.queue_prefetch = worker.worker_threads
+        worker_identity.holder_id()  # drawn before any worker thread takes a case
 
     def after_worker_boot(self, broker, worker) -> None:
         worker_identity.booted(worker)

@@ -37,6 +37,7 @@ def may_keep_cases() -> bool:
 
 
 _boot: tuple[int, str] = (0, "")
+_boot_lock = threading.Lock()
 
 
 def host_and_pid() -> str:
@@ -48,9 +49,13 @@ def holder_id() -> str:
     random boot id tells this process from an earlier one that had the same host name and
     pid (a restarted container), whose leases must not be renewed by us."""
     global _boot
-    if _boot[0] != os.getpid():  # computed after a fork too, never inherited
-        _boot = (os.getpid(), secrets.token_hex(4))
-    return f"{host_and_pid()}:{_boot[1]}"
+    # Under a lock: two threads taking their first cases at once would otherwise draw two
+    # boot ids, and the boot's hand-back of "an earlier process with our pid" would then take
+    # the other thread's case from under it.
+    with _boot_lock:
+        if _boot[0] != os.getpid():  # computed after a fork too, never inherited
+            _boot = (os.getpid(), secrets.token_hex(4))
+        return f"{host_and_pid()}:{_boot[1]}"
 
 
 def note_pressure(reason: str | None) -> None:
