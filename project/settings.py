@@ -64,6 +64,9 @@ def _local_hosts() -> list[str]:
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", _local_hosts())
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+# Where people open the pages, for links made outside a request (the report URLs `manage.py
+# run_card` prints). Default: where `make run` serves.
+SITE_URL = (os.environ.get("SITE_URL") or "http://127.0.0.1:8000").rstrip("/")
 
 INSTALLED_APPS = [
     "daphne",

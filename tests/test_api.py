@@ -14,6 +14,8 @@ from django.test.utils import CaptureQueriesContext
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from testruns.api.serializers.runs import BatchLaunchSerializer, LaunchSerializer
+from testruns.catalog import demo
 from testruns.engine import admission, gate, launching, limits
 from testruns.models import PromptCard, PromptVersion, Provider, Semaphore, TestCase, TestRun
 
@@ -477,6 +479,142 @@ def test_a_batch_queues_all_or_nothing(api, make_card, simulator):
     )
     assert too_many.status_code == 400 and "cards" in too_many.json()
     assert not TestRun.objects.exists()
+
+
+# --- Cards and providers by name -----------------------------------------------------------
+
+
+def test_launch_takes_a_cards_slug_and_a_providers_name_or_their_ids(api, make_card, simulator):
+    card = make_card("refund-policy")
+    by_name = api.post(
+        "/api/runs/", {"card": "refund-policy", "provider": "Test simulator"}, format="json"
+    )
+    mixed = api.post(
+        "/api/runs/",
+        {"card": card.pk, "provider": "Test simulator", "grader_provider": str(simulator.pk)},
+        format="json",
+    )
+    assert by_name.status_code == mixed.status_code == 201, (by_name.json(), mixed.json())
+    runs = TestRun.objects.order_by("pk")
+    assert [(run.card, run.provider) for run in runs] == [(card, simulator)] * 2
+    assert runs[1].grader_provider == simulator
+    assert by_name.json()["card"] == {"id": card.pk, "slug": "refund-policy", "name": card.name}
+
+
+def test_a_slug_wins_over_an_id_written_as_text_but_a_number_is_always_an_id(
+    api, make_card, simulator
+):
+    first = make_card("first")
+    numbered = make_card(str(first.pk))  # a card whose slug is the other one's id
+    as_text = api.post(
+        "/api/runs/", {"card": str(first.pk), "provider": "Test simulator"}, format="json"
+    )
+    as_number = api.post(
+        "/api/runs/", {"card": first.pk, "provider": "Test simulator"}, format="json"
+    )
+    assert TestRun.objects.get(pk=as_text.json()["id"]).card == numbered
+    assert TestRun.objects.get(pk=as_number.json()["id"]).card == first
+
+
+def test_batch_takes_names_and_ids_mixed(api, make_card, simulator):
+    one, two = make_card("one", cases=1), make_card("two", cases=1)
+    other = Provider.objects.create(name="Fake OpenAI", kind="simulator", model="sim-2")
+    response = api.post(
+        "/api/runs/batch/",
+        {
+            "cards": ["one", two.pk, str(one.pk)],  # "one" twice: by slug and by id
+            "providers": ["Fake OpenAI", simulator.pk],
+        },
+        format="json",
+    )
+    assert response.status_code == 201, response.json()
+    assert {(run.card, run.provider) for run in TestRun.objects.all()} == {
+        (one, other),
+        (one, simulator),
+        (two, other),
+        (two, simulator),
+    }
+    assert len(response.json()["runs"]) == 4
+
+
+def test_unknown_names_are_a_400_naming_them_with_the_nearest_names(api, make_card, simulator):
+    make_card("refund-policy")
+    Provider.objects.create(name="Fake OpenAI", kind="simulator", model="sim-2")
+    typo = api.post(
+        "/api/runs/", {"card": "refund-polcy", "provider": "fake openai"}, format="json"
+    )
+    assert typo.status_code == 400
+    assert typo.json() == {
+        "card": ["No card with the slug 'refund-polcy'. Did you mean 'refund-policy'?"],
+        "provider": ["No provider named 'fake openai'. Did you mean 'Fake OpenAI'?"],
+    }
+    far = api.post(
+        "/api/runs/",
+        {"card": "zzz", "provider": 987654321, "grader_provider": "987654321"},
+        format="json",
+    )
+    assert far.json() == {
+        "card": ["No card with the slug 'zzz'."],
+        "provider": ["No provider with the id 987654321."],
+        "grader_provider": ["No provider with the name or id '987654321'."],
+    }
+    batch = api.post(
+        "/api/runs/batch/",
+        {"cards": ["refund-policy", "nope", "nope", "refund_policy"], "providers": [True]},
+        format="json",
+    )
+    assert batch.status_code == 400
+    assert batch.json() == {
+        "cards": [
+            "No card with the slug 'nope'.",
+            "No card with the slug 'refund_policy'. Did you mean 'refund-policy'?",
+        ],
+        "providers": {"0": ["Give the provider's name (text) or its id (a number)."]},
+    }
+    assert not TestRun.objects.exists()
+
+
+def test_lists_filter_by_a_cards_slug_and_a_providers_name(api, make_card, simulator):
+    card, other = make_card("refund-policy", cases=2), make_card("other", cases=1)
+    second = Provider.objects.create(name="Fake OpenAI", kind="simulator", model="sim-2")
+    mine = launch(api, card, simulator).json()["id"]
+    launch(api, other, second)
+    ids = lambda url: [item["id"] for item in api.get(url).json()["results"]]  # noqa: E731
+    assert ids("/api/runs/?card=refund-policy") == [mine]
+    assert ids("/api/runs/?provider=Test%20simulator") == [mine]
+    assert ids(f"/api/runs/?card={card.pk}&provider={simulator.pk}") == [mine]
+    assert ids("/api/runs/?card=987654321") == []  # an id that names nothing, as ever
+    unknown = api.get("/api/runs/?provider=Fake%20OpenAl")
+    assert unknown.status_code == 400
+    assert unknown.json() == {
+        "provider": ["No provider named 'Fake OpenAl'. Did you mean 'Fake OpenAI'?"]
+    }
+    assert api.get("/api/cases/?card=refund-policy").json()["count"] == 2
+    assert api.get("/api/cases/?card=nope").json() == {"card": ["No card with the slug 'nope'."]}
+
+
+def test_the_schemas_launch_examples_are_accepted_as_they_stand(api, client, launcher):
+    """The docs page's "Try it out" sends a request body example: each must queue runs on
+    the demo data `make run` seeds, and none may be generated filler."""
+    demo.seed_demo(max_concurrent_runs=4)
+    client.force_login(launcher)
+    schema = client.get("/api/schema/?format=json").json()
+    for path, serializer_class in (
+        ("/api/runs/", LaunchSerializer),
+        ("/api/runs/batch/", BatchLaunchSerializer),
+    ):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        examples = [example["value"] for example in body["examples"].values()]
+        assert examples, path
+        for example in examples:
+            assert "9223372036854775807" not in json.dumps(example)
+            checked = serializer_class(data=example)
+            assert checked.is_valid(), (example, checked.errors)
+            response = api.post(path, example, format="json")
+            assert response.status_code == 201, (example, response.json())
+    request_schema = schema["components"]["schemas"]["LaunchRequest"]["properties"]
+    assert request_schema["card"]["example"] == "support-reply"
+    assert {"type": "string"} in request_schema["card"]["oneOf"]
 
 
 # --- Following runs -------------------------------------------------------------------------

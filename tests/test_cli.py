@@ -4,6 +4,7 @@ real Dramatiq workers, and the fake OpenAI-compatible server over HTTP."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -12,10 +13,13 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from testruns.engine import gate, launching, limits
-from testruns.models import Provider, TestCase, TestRun
+from testruns.management.commands import run_card as run_card_command
+from testruns.models import Provider, TestCase, TestResult, TestRun
 from tests.conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
+# A line as settings.LOGGING writes it: "2026-01-31 12:00:00,123 INFO logger message".
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ", re.MULTILINE)
 
 
 @pytest.fixture
@@ -149,6 +153,8 @@ def test_bad_arguments_exit_2_with_a_clear_message(process_env, fake_openai, mak
         (["nope"], "No card with the slug 'nope'."),
         (["card"], "Choose the provider(s) with --provider: one of fake-openai, second."),
         (["card", "-p", "ghost"], "No provider named 'ghost'."),
+        (["crad", "-p", "second"], "No card with the slug 'crad'. Did you mean 'card'?"),
+        (["card", "-p", "Second"], "No provider named 'Second'. Did you mean 'second'?"),
         (
             ["card", "-p", "second", "--tag", "missing"],
             "Card has no enabled test case tagged missing.",
@@ -174,3 +180,75 @@ def test_without_wait_it_prints_the_run_ids_and_exits_0(process_env, make_card, 
     runs = TestRun.objects.filter(pk__in=ids)
     assert {run.provider.name for run in runs} == {simulator.name, "other"}
     assert len({run.comparison_group for run in runs}) == 1
+
+
+def test_a_failing_run_ends_with_its_failing_cases_and_report_url_and_no_log_lines(
+    process_env, worker_factory, make_card, simulator
+):
+    card = make_card("refund-policy", cases=4)
+    TestCase.objects.filter(card=card, name="case 1").update(
+        name="a case whose name is far too long to be shown whole in a table",
+        assertions=[{"type": "contains", "value": "never said " + "x" * 300}],
+    )
+    TestCase.objects.filter(card=card, name="case 2").update(variables={})  # a template error
+    worker_factory(processes=1, threads=2)
+    env = process_env | {"SITE_URL": "https://cards.example.com/", "COLUMNS": "100"}
+    result = run_card(env, "refund-policy", "-p", "Test simulator", "--wait")
+    assert result.returncode == 1, result.stdout + result.stderr
+    run = TestRun.objects.get()
+    summary, *table = result.stdout.splitlines()
+    assert summary.startswith(
+        f"run #{run.pk} refund-policy on Test simulator: error, 2 passed, 1 failed, 1 error"
+    )
+    assert table == [
+        "  case                                      status  reason",
+        "  a case whose name is far too long to ...  failed  "
+        'contains: output does not contain "never said...',
+        "  case 2                                    error   Template error: 'name' is undefined",
+        f"  report: https://cards.example.com/runs/{run.pk}/",
+        "pass rate 50.0% (at least 100% needed): FAIL",
+    ]
+    assert max(len(line) for line in table) == 100
+    # No log line anywhere without -v 2 (the launch logs "run queued" at INFO).
+    assert not LOG_LINE.search(result.stdout) and not LOG_LINE.search(result.stderr)
+
+    verbose = run_card(env, "refund-policy", "-p", str(simulator.pk), "-v", "2")
+    assert verbose.returncode == 0, verbose.stderr
+    queued = TestRun.objects.exclude(pk=run.pk).get()
+    assert verbose.stdout == f"{queued.pk}\n"  # stdout stays the result alone
+    assert "INFO testruns.engine.launching run queued" in verbose.stderr
+
+
+def test_the_failing_cases_table_shows_the_first_reason_and_says_how_many_more(
+    make_card, simulator
+):
+    run = launching.launch_run(
+        card=make_card(cases=run_card_command.MAX_FAILING_ROWS + 3), provider=simulator
+    )
+    results = list(run.results.order_by("position"))
+    for result in results[1:]:
+        result.status = TestResult.Status.FAILED
+        result.assertion_results = [
+            {"type": "contains", "passed": True, "reason": "fine"},
+            {"type": "regex", "passed": False, "reason": "no match\nfor   ^N"},
+            {"type": "equals", "passed": False, "reason": "not equal"},
+        ]
+        result.save()
+    results[2].status, results[2].error = TestResult.Status.ERROR, "HTTP 500: " + "boom " * 50
+    results[2].save()
+    table = run_card_command.failing_cases_table(run, width=60)
+    assert table[:4] == [
+        "  case     status  reason",
+        "  case 1   failed  regex: no match for ^N",
+        "  case 2   error   HTTP 500: boom boom boom boom boom boo...",
+        "  case 3   failed  regex: no match for ^N",
+    ]
+    assert len(table[2]) == 60
+    assert len(table) == 1 + run_card_command.MAX_FAILING_ROWS + 1
+    assert table[-1] == "  ... and 2 more failing case(s): see the report"
+    assert (
+        run_card_command.failing_cases_table(
+            launching.launch_run(card=run.card, provider=simulator), width=60
+        )
+        == []
+    )

@@ -1,7 +1,11 @@
 """Prompt cards in the admin: their test cases and version history inline, filters by tag
-and last run, launching runs, duplicating, export, and the import page."""
+and last run, launching runs (an action, and "Run this card" on a card's page, which leads to
+the launch page), duplicating, export, and the import page. "View on site" is the card's
+history."""
 
 from __future__ import annotations
+
+from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import admin, messages
@@ -10,7 +14,7 @@ from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.text import slugify
 
 from testruns.admin.runs import LaunchForm, LaunchPermissionMixin
@@ -129,6 +133,19 @@ class PromptCardAdmin(LaunchPermissionMixin, admin.ModelAdmin):
     inlines = [TestCaseInline, PromptVersionInline]
     actions = ["launch_runs", "duplicate_cards", "export_yaml", "export_json"]
     change_list_template = "admin/testruns/promptcard/change_list.html"
+    # change_form_template: Django finds admin/testruns/promptcard/change_form.html by name.
+
+    class Media:
+        css = {"all": ["testruns/admin.css"]}
+
+    def view_on_site(self, card) -> str:
+        """The card's runs on the site: its history, with "Run this card" and each report.
+        The card's get_absolute_url is this admin page, so the default looped back here."""
+        return reverse("history") + "?" + urlencode({"card": card.pk})
+
+    def change_view(self, request, object_id, form_url="", extra_context=None) -> HttpResponse:
+        extra_context = {**(extra_context or {}), "can_launch": self.has_launch_permission(request)}
+        return super().change_view(request, object_id, form_url, extra_context)
 
     def get_queryset(self, request) -> QuerySet[PromptCard]:
         finished = (
@@ -149,7 +166,7 @@ class PromptCardAdmin(LaunchPermissionMixin, admin.ModelAdmin):
 
     @admin.display(description="tags")
     def tag_list(self, card) -> str:
-        return ", ".join(card.tags)
+        return format_html_join("", '<span class="tag-chip">{}</span>', ((t,) for t in card.tags))
 
     @admin.display(description="last run", ordering="last_status")
     def last_status(self, card) -> str:
@@ -178,7 +195,13 @@ class PromptCardAdmin(LaunchPermissionMixin, admin.ModelAdmin):
             except launching.LaunchError as exc:
                 form.add_error(None, str(exc))
             else:
-                self.message_user(request, f"Queued {len(runs)} run(s).", messages.SUCCESS)
+                # Transient: it describes the launch, which the next page's own state outlives.
+                self.message_user(
+                    request,
+                    f"Launched {len(runs)} run(s).",
+                    messages.SUCCESS,
+                    extra_tags="transient",
+                )
                 if len(runs) == 1:
                     return redirect(runs[0])
                 return redirect("comparison", group=runs[0].comparison_group)

@@ -17,7 +17,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from testruns.api.params import query_bool, query_choice, query_int, query_text
+from testruns.api.params import query_bool, query_choice, query_reference, query_text
 from testruns.api.permissions import CommandProvidersForSuperusers, ModelPermissions
 from testruns.api.serializers.catalog import (
     CardSerializer,
@@ -25,8 +25,8 @@ from testruns.api.serializers.catalog import (
     TestCaseSerializer,
     VersionSerializer,
 )
-from testruns.api.serializers.shared import BIG_INT
-from testruns.catalog import card_files, cards
+from testruns.api.serializers.shared import CardField
+from testruns.catalog import card_files, cards, lookup
 from testruns.engine import limits
 from testruns.models import PromptCard, PromptVersion, Provider, TestCase
 
@@ -133,8 +133,10 @@ class CardViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
                     help_text=("Its extension decides the format: .yaml, .yml, .json or .csv."),
                 ),
                 "content": serializers.CharField(trim_whitespace=False),
-                "card": serializers.IntegerField(
-                    required=False, allow_null=True, help_text="For a CSV: the card of its cases."
+                "card": CardField(
+                    required=False,
+                    allow_null=True,
+                    help_text="For a CSV: the card of its cases, by slug (or id).",
                 ),
             },
         ),
@@ -172,13 +174,11 @@ class CardViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
         if not isinstance(content, str):
             raise exceptions.ValidationError({"content": ["Give the file's text."]})
         card = None
-        if filename.lower().endswith(".csv"):
-            card_id = data.get("card")
-            card = (
-                PromptCard.objects.filter(pk=card_id).first()
-                if isinstance(card_id, int) and 0 < card_id <= BIG_INT
-                else None
-            )
+        if filename.lower().endswith(".csv") and data.get("card") is not None:
+            try:
+                card = CardField().to_internal_value(data["card"])
+            except serializers.ValidationError as exc:
+                raise exceptions.ValidationError({"card": exc.detail}) from None
         try:
             report = card_files.import_cards(
                 content, filename=filename, user=request.user, card=card
@@ -191,7 +191,9 @@ class CardViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
 @extend_schema_view(
     list=extend_schema(
         parameters=[
-            OpenApiParameter("card", OpenApiTypes.INT, description="Versions of this card.")
+            OpenApiParameter(
+                "card", OpenApiTypes.STR, description="Versions of this card: its slug or id."
+            )
         ]
     )
 )
@@ -205,7 +207,7 @@ class VersionViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self) -> QuerySet[PromptVersion]:
         versions = PromptVersion.objects.select_related("author").order_by("card_id", "-number")
-        if self.action == "list" and (card := query_int(self.request, "card")):
+        if self.action == "list" and (card := query_reference(self.request, "card", lookup.CARD)):
             versions = versions.filter(card_id=card)
         return versions
 
@@ -213,7 +215,9 @@ class VersionViewSet(viewsets.ReadOnlyModelViewSet):
 @extend_schema_view(
     list=extend_schema(
         parameters=[
-            OpenApiParameter("card", OpenApiTypes.INT, description="Cases of this card."),
+            OpenApiParameter(
+                "card", OpenApiTypes.STR, description="Cases of this card: its slug or id."
+            ),
             OpenApiParameter("tag", OpenApiTypes.STR, description="Cases with this tag."),
             OpenApiParameter("enabled", OpenApiTypes.BOOL),
         ]
@@ -230,7 +234,7 @@ class TestCaseViewSet(viewsets.ModelViewSet):
     def get_queryset(self) -> QuerySet[TestCase]:
         cases = TestCase.objects.order_by("card_id", "order", "pk")
         if self.action == "list":
-            if card := query_int(self.request, "card"):
+            if card := query_reference(self.request, "card", lookup.CARD):
                 cases = cases.filter(card_id=card)
             if tag := query_text(self.request, "tag", max_length=50):
                 cases = cases.filter(tags__contains=[tag])

@@ -7,6 +7,7 @@ from rest_framework import exceptions
 from rest_framework.request import Request
 
 from testruns.api.serializers.shared import BIG_INT
+from testruns.catalog import lookup
 
 
 def query_int(request: Request, name: str) -> int | None:
@@ -20,6 +21,18 @@ def query_int(request: Request, name: str) -> int | None:
     if not 1 <= value <= BIG_INT:
         raise exceptions.ValidationError({name: ["No object has that id."]})
     return value
+
+
+def query_reference(request: Request, name: str, kind: lookup.Kind) -> int | None:
+    """A card or provider to filter by, by slug / name or id (catalog.lookup): its id. An
+    unknown name is a 400 saying so; an id that names nothing filters to an empty list."""
+    raw = query_text(request, name)
+    if raw is None:
+        return None
+    try:
+        return lookup.filter_id(kind, raw)
+    except lookup.UnknownReference as exc:
+        raise exceptions.ValidationError({name: exc.messages}) from None
 
 
 def query_text(request: Request, name: str, *, max_length: int = 200) -> str | None:

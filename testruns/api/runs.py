@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from testruns.api import idempotency
-from testruns.api.params import query_choice, query_int
+from testruns.api.params import query_choice, query_reference
 from testruns.api.permissions import RunPermissions
 from testruns.api.protocol import Conflict
 from testruns.api.serializers.runs import (
@@ -27,6 +27,7 @@ from testruns.api.serializers.runs import (
     RunConfigSerializer,
     RunSerializer,
 )
+from testruns.catalog import lookup
 from testruns.engine import launching
 from testruns.live import snapshots
 from testruns.models import TestResult, TestRun
@@ -63,8 +64,12 @@ def queue_positions() -> dict[int, int]:
     list=extend_schema(
         parameters=[
             OpenApiParameter("status", OpenApiTypes.STR, enum=list(TestRun.Status.values)),
-            OpenApiParameter("card", OpenApiTypes.INT),
-            OpenApiParameter("provider", OpenApiTypes.INT),
+            OpenApiParameter(
+                "card", OpenApiTypes.STR, description="Runs of this card: its slug or id."
+            ),
+            OpenApiParameter(
+                "provider", OpenApiTypes.STR, description="Runs on this provider: its name or id."
+            ),
         ]
     ),
     create=extend_schema(
@@ -85,8 +90,8 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             runs = history.filter_runs(
                 runs,
                 status=query_choice(self.request, "status", list(TestRun.Status.values)),
-                card=query_int(self.request, "card"),
-                provider=query_int(self.request, "provider"),
+                card=query_reference(self.request, "card", lookup.CARD),
+                provider=query_reference(self.request, "provider", lookup.PROVIDER),
             )
         return runs
 

@@ -77,6 +77,7 @@ RESERVED_NAMES = frozenset(
         "SECURE_HSTS_SECONDS",
         "SECURE_SSL_REDIRECT",
         "SESSION_COOKIE_SECURE",
+        "SITE_URL",
         "SWEEP_INTERVAL_SECONDS",
         "TIME_ZONE",
         "VAR_DIR",

@@ -2,10 +2,14 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib.auth import get_user_model
+from django.db import models
 from django.db.models import Exists, OuterRef
 
 from testruns.engine.run_settings import form_field
 from testruns.models import PromptCard, PromptVersion, Provider, TestCase, TestRun
+
+# Where the launch page keeps the user's last launch (LaunchForm.choices_to_remember).
+LAST_LAUNCH_SESSION_KEY = "testruns.last_launch"
 
 
 class LaunchForm(forms.Form):
@@ -77,9 +81,19 @@ class LaunchForm(forms.Form):
         "grader_provider",
     ]
 
-    def __init__(self, *args, card: PromptCard | None = None, **kwargs):
+    # What the page offers again from the user's last launch: the providers and the
+    # configuration. Not the version, tags or cases: those belong to one card.
+    REMEMBERED = ["providers", *CONFIG, "priority"]
+
+    def __init__(
+        self, *args, card: PromptCard | None = None, remembered: dict | None = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.chosen_card = card
+        for name in self.REMEMBERED:
+            # A provider since disabled or deleted is simply not among the choices any more.
+            if remembered and name in remembered:
+                self.initial.setdefault(name, remembered[name])
         if card is None:
             return
         self.fields["card"].initial = card.pk
@@ -130,6 +144,40 @@ class LaunchForm(forms.Form):
             "priority": data["priority"],
             **{name: data[name] for name in self.CONFIG},
         }
+
+    def choices_to_remember(self) -> dict:
+        """The launched card and the REMEMBERED choices, as the session can store them."""
+        data = self.cleaned_data
+        remembered = {"card": data["card"].pk}
+        for name in self.REMEMBERED:
+            value = data[name]
+            if isinstance(value, models.Model):
+                value = value.pk
+            elif name == "providers":
+                value = [provider.pk for provider in value]
+            remembered[name] = value
+        return remembered
+
+
+def remember_launch(session, form: LaunchForm) -> None:
+    session[LAST_LAUNCH_SESSION_KEY] = form.choices_to_remember()
+
+
+def last_launch(session) -> dict:
+    """What remember_launch kept of the user's last launch from the launch page, or {}."""
+    remembered = session.get(LAST_LAUNCH_SESSION_KEY)
+    return remembered if isinstance(remembered, dict) else {}
+
+
+def card_to_launch(requested, remembered: dict, *, fall_back: bool) -> PromptCard | None:
+    """The card the launch page is about: the one asked for (?card=, or the form's), else
+    (with `fall_back`) the one last launched, else the first by name."""
+    card = PromptCard.objects.filter(pk=requested).first() if str(requested).isdigit() else None
+    if card is not None or not fall_back:
+        return card
+    last = remembered.get("card")
+    card = PromptCard.objects.filter(pk=last).first() if isinstance(last, int) else None
+    return card or PromptCard.objects.order_by("name").first()
 
 
 class HistoryFilterForm(forms.Form):

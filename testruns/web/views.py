@@ -28,7 +28,13 @@ from testruns.reporting.comparison import fill_cells, paginate, side_by_side
 from testruns.reporting.formats import junit_xml, run_json_text
 from testruns.reporting.history import card_trends, filter_runs, run_statistics
 from testruns.web.downloads import download
-from testruns.web.forms import HistoryFilterForm, LaunchForm
+from testruns.web.forms import (
+    HistoryFilterForm,
+    LaunchForm,
+    card_to_launch,
+    last_launch,
+    remember_launch,
+)
 
 HISTORY_PAGE_SIZE = 25
 REPORT_PAGE_SIZE = 50
@@ -72,23 +78,32 @@ def dashboard_json(request) -> HttpResponse:
 
 @permission_required("testruns.launch_testrun", raise_exception=True)
 def launch(request) -> HttpResponse:
-    """GET ?card=<id> shows that card's versions and cases; POST launches one run per chosen
-    provider (several form a comparison group) and leads to the run or the comparison."""
-    card_id = request.POST.get("card") or request.GET.get("card")
-    card = PromptCard.objects.filter(pk=card_id).first() if str(card_id).isdigit() else None
-    if card is None and request.method == "GET":
-        card = PromptCard.objects.order_by("name").first()
-    form = LaunchForm(request.POST or None, card=card)
+    """GET ?card=<id> shows that card's versions and cases (without it, the card launched
+    last, else the first); POST launches one run per chosen provider (several form a
+    comparison group) and leads to the run or the comparison. The providers and settings of
+    the user's last launch are offered again."""
+    remembered = last_launch(request.session)
+    card = card_to_launch(
+        request.POST.get("card") or request.GET.get("card"),
+        remembered,
+        fall_back=request.method == "GET",
+    )
+    form = LaunchForm(request.POST or None, card=card, remembered=remembered)
     if request.method == "POST" and form.is_valid():
         try:
             runs = launching.launch_runs(user=request.user, **form.launch_arguments())
         except launching.LaunchError as exc:
             form.add_error(None, str(exc))
         else:
+            remember_launch(request.session, form)
+            # Said once, on the page the launch leads to, and transient there: that page shows
+            # the run's own state (queued, running, done), which soon outdates any banner.
             if len(runs) == 1:
-                messages.success(request, f"Run #{runs[0].pk} queued.")
+                messages.success(request, f"Run #{runs[0].pk} launched.", extra_tags="transient")
                 return redirect(runs[0])
-            messages.success(request, f"{len(runs)} runs queued for comparison.")
+            messages.success(
+                request, f"{len(runs)} runs launched for comparison.", extra_tags="transient"
+            )
             return redirect("comparison", group=runs[0].comparison_group)
     return render(
         request,
@@ -97,6 +112,7 @@ def launch(request) -> HttpResponse:
             "form": form,
             "card": card,
             "cards": PromptCard.objects.order_by("name"),
+            "remembered": bool(remembered),
         },
     )
 
@@ -183,6 +199,7 @@ def history(request) -> HttpResponse:
         "testruns/history.html",
         {
             "form": form,
+            "card": filters.get("card"),
             "page": page,
             "charts": charts,
             "query": query.urlencode(),

@@ -5,12 +5,18 @@ TestRun's fields' validators (engine.run_settings), as on the launch page and in
 from __future__ import annotations
 
 from django.db import models
+from drf_spectacular.utils import OpenApiExample, extend_schema_serializer
 from rest_framework import serializers
 
-from testruns.api.serializers.shared import BIG_INT
+from testruns.api.serializers.shared import (
+    BIG_INT,
+    CardField,
+    ProviderField,
+    ReferenceListField,
+)
 from testruns.engine import run_settings
 from testruns.live import snapshots
-from testruns.models import PromptCard, Provider, TestResult, TestRun
+from testruns.models import TestResult, TestRun
 
 MAX_BATCH_RUNS = 100
 MAX_CASE_IDS = 10_000
@@ -138,12 +144,11 @@ class RunConfigSerializer(serializers.Serializer):
         help_text="A case passes when every repeat passes. With use_cache, only the first "
         "repeat may be answered from the cache.",
     )
-    grader_provider = serializers.PrimaryKeyRelatedField(
-        queryset=Provider.objects.all(),
+    grader_provider = ProviderField(
         required=False,
         allow_null=True,
-        help_text="The provider that grades llm-rubric assertions. Default: the card's "
-        "grader provider, else the run's own provider.",
+        help_text="The provider that grades llm-rubric assertions, by name or id. Default: "
+        "the card's grader provider, else the run's own provider.",
     )
 
     def launch_arguments(self) -> dict:
@@ -155,25 +160,70 @@ class RunConfigSerializer(serializers.Serializer):
         return data
 
 
+# Request examples for the docs page ("Try it out" sends the one chosen): the cards and the
+# provider of the demo data `make run` seeds, so they queue runs as they stand (ids work too,
+# but differ from one database to the next). tests/test_api.py posts every one of them.
+LAUNCH_EXAMPLES = [
+    OpenApiExample(
+        "By slug and name",
+        value={"card": "support-reply", "provider": "Simulator"},
+        request_only=True,
+    ),
+    OpenApiExample(
+        "With settings",
+        value={
+            "card": "summarise-ticket",
+            "provider": "Simulator",
+            "priority": 5,
+            "max_concurrent_tests": 2,
+            "timeout_seconds": 30,
+            "repeats": 3,
+            "use_cache": False,
+        },
+        request_only=True,
+    ),
+]
+BATCH_EXAMPLES = [
+    OpenApiExample(
+        "Two cards on one provider",
+        value={"cards": ["support-reply", "summarise-ticket"], "providers": ["Simulator"]},
+        request_only=True,
+    ),
+    OpenApiExample(
+        "Every demo card, high priority",
+        value={
+            "cards": ["support-reply", "summarise-ticket", "json-extract"],
+            "providers": ["Simulator"],
+            "priority": 10,
+        },
+        request_only=True,
+    ),
+]
+
+
+@extend_schema_serializer(examples=LAUNCH_EXAMPLES)
 class LaunchSerializer(RunConfigSerializer):
-    card = serializers.PrimaryKeyRelatedField(queryset=PromptCard.objects.all())
-    provider = serializers.PrimaryKeyRelatedField(queryset=Provider.objects.all())
+    card = CardField(help_text="The card's slug (or its id).")
+    provider = ProviderField(help_text="The provider's name (or its id).")
 
     def launch_arguments(self) -> dict:
         data = super().launch_arguments()
         return data | {"cards": [data.pop("card")], "providers": [data.pop("provider")]}
 
 
+@extend_schema_serializer(examples=BATCH_EXAMPLES)
 class BatchLaunchSerializer(RunConfigSerializer):
-    cards = serializers.ListField(
-        child=serializers.PrimaryKeyRelatedField(queryset=PromptCard.objects.all()),
+    cards = ReferenceListField(
+        child=CardField(),
         min_length=1,
         max_length=MAX_BATCH_RUNS,
+        help_text="Cards by slug (or id).",
     )
-    providers = serializers.ListField(
-        child=serializers.PrimaryKeyRelatedField(queryset=Provider.objects.all()),
+    providers = ReferenceListField(
+        child=ProviderField(),
         min_length=1,
         max_length=MAX_BATCH_RUNS,
+        help_text="Providers by name (or id).",
     )
 
     def validate(self, attrs: dict) -> dict:

@@ -1,28 +1,40 @@
 """`manage.py run_card CARD`: test a prompt card from a CI pipeline.
 
 Queues one run per provider through the same gate as the pages and the API, and with --wait
-follows them (a progress line on stderr), writes JUnit XML and JSON reports, and exits 0 only
-when the pass rate reaches --fail-under. Exit codes: 0 pass, 1 below the bar (or --timeout),
-2 bad arguments, 75 queue full (try again later), 130 Ctrl-C and 143 SIGTERM (both cancel the
-runs first).
+follows them (a progress line on stderr), writes JUnit XML and JSON reports, prints per run
+a summary, a short table of its failing cases with their first reason and its report's URL,
+and exits 0 only when the pass rate reaches --fail-under. Exit codes: 0 pass, 1 below the bar
+(or --timeout), 2 bad arguments, 75 queue full (try again later), 130 Ctrl-C and 143 SIGTERM
+(both cancel the runs first).
+
+Cards and providers are found as the API finds them (catalog.lookup): a slug / name or an id.
+stdout carries only results (run ids, or the summaries); progress and notes go to stderr,
+and log lines only with -v 2 (on stderr, like every log line).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.management.base import BaseCommand, CommandError
 
+from testruns.catalog import lookup
 from testruns.engine import launching, run_settings
 from testruns.live import snapshots
-from testruns.models import PromptCard, Provider, TestRun
+from testruns.models import PromptCard, Provider, TestResult, TestRun
 from testruns.reporting import formats
 from testruns.reporting.statistics import pass_rate
 
@@ -38,6 +50,10 @@ SETTING_OPTIONS = {
 }
 EX_TEMPFAIL = 75  # sysexits.h: "temporary failure", e.g. a full queue
 BAR_WIDTH = 20
+# The failing-cases table: enough rows to see a pattern, a line each, the rest in the report.
+MAX_FAILING_ROWS = 20
+MAX_NAME_CHARS = 40
+TABLE_WIDTH = 100  # when stdout is no terminal (a CI log) and COLUMNS is not set
 
 
 class Command(BaseCommand):
@@ -135,10 +151,15 @@ class Command(BaseCommand):
         parser.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS")
 
     def handle(self, *args, **options) -> None:
+        with log_lines_for(options["verbosity"]):
+            self.launch_and_follow(options)
+
+    def launch_and_follow(self, options: dict) -> None:
         """1. Find the card, providers and user; check the options.
         2. Queue one run per provider, all or none (a full queue exits 75).
         3. Without waiting, print the run ids and stop. Otherwise follow the runs, cancelling
-           them on Ctrl-C, SIGTERM or --timeout; write the reports; exit by the pass rate."""
+           them on Ctrl-C, SIGTERM or --timeout; write the reports; print the summaries, the
+           failing cases and the report URLs; exit by the pass rate."""
         self.stderr.style_func = None  # progress is not an error: no red
         card = find_card(options["card"])
         providers = find_providers(options["provider"])
@@ -167,7 +188,7 @@ class Command(BaseCommand):
         for run in runs:
             self.stderr.write(
                 f"Queued run #{run.pk}: {card.slug} on {run.provider.name} "
-                f"({run.total_cases} cases)"
+                f"({run.total_cases} cases) {report_url(run)}"
             )
         if not (options["wait"] or options["junit"] or options["json"] or options["timeout"]):
             self.stdout.write(" ".join(str(run.pk) for run in runs))
@@ -188,8 +209,12 @@ class Command(BaseCommand):
         finished = watcher.refresh()
         self.write_reports(finished, options)
         rate = formats.pass_rate(finished)
+        width = table_width()
         for run in finished:
             self.stdout.write(summary_line(run))
+            for line in failing_cases_table(run, width=width):
+                self.stdout.write(line)
+            self.stdout.write(f"  report: {report_url(run)}")
         percent = 100 * rate if rate is not None else 0.0
         verdict = "PASS" if percent >= options["fail_under"] else "FAIL"
         self.stdout.write(
@@ -233,12 +258,10 @@ def add_setting(parser, name: str, *, help: str, **kwargs) -> None:
 
 
 def find_card(key: str) -> PromptCard:
-    card = PromptCard.objects.filter(slug=key).first()
-    if card is None and key.isdigit():
-        card = PromptCard.objects.filter(pk=int(key)).first()
-    if card is None:
-        raise CommandError(f"No card with the slug {key!r}.", returncode=EX_USAGE)
-    return card
+    try:
+        return lookup.resolve_one(lookup.CARD, key)
+    except lookup.UnknownReference as exc:
+        raise CommandError(str(exc), returncode=EX_USAGE) from None
 
 
 def find_providers(keys: list[str]) -> list[Provider]:
@@ -253,15 +276,11 @@ def find_providers(keys: list[str]) -> list[Provider]:
             + (f"one of {names}." if names else "none is enabled."),
             returncode=EX_USAGE,
         )
-    providers = []
-    for key in dict.fromkeys(keys):
-        provider = Provider.objects.filter(name=key).first()
-        if provider is None and key.isdigit():
-            provider = Provider.objects.filter(pk=int(key)).first()
-        if provider is None:
-            raise CommandError(f"No provider named {key!r}.", returncode=EX_USAGE)
-        providers.append(provider)
-    return providers
+    try:
+        providers = lookup.resolve(lookup.PROVIDER, keys)
+    except lookup.UnknownReference as exc:
+        raise CommandError(str(exc), returncode=EX_USAGE) from None
+    return list(dict.fromkeys(providers))  # a provider named twice (by name and id) runs once
 
 
 def find_user(username: str | None) -> AbstractBaseUser | None:
@@ -299,6 +318,71 @@ def summary_line(run: TestRun) -> str:
         f"{run.passed_count} passed, {run.failed_count} failed, {run.error_count} error, "
         f"{run.total_cases - evaluated} not evaluated (pass rate {rate})"
     )
+
+
+@contextmanager
+def log_lines_for(verbosity: int) -> Iterator[None]:
+    """Below -v 2, no INFO log lines (e.g. "run queued"): the command says what matters
+    itself, and a CI log should start with it. Warnings and errors still show. Every log
+    handler writes to stderr (settings.LOGGING), so stdout stays the results alone."""
+    if verbosity >= 2:
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)  # call_command in a longer-lived process (the tests)
+
+
+def report_url(run: TestRun) -> str:
+    return f"{settings.SITE_URL}{run.get_absolute_url()}"
+
+
+def table_width() -> int:
+    return max(60, shutil.get_terminal_size((TABLE_WIDTH, 24)).columns)
+
+
+def clip(text: str, width: int) -> str:
+    """One line of at most `width` characters: an error's traceback or a long reason must not
+    turn the table into a wall of text."""
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if len(text) <= width else text[: max(0, width - 3)] + "..."
+
+
+def first_reason(result: TestResult) -> str:
+    """Why the case did not pass: the error, or its first failed assertion (of the first
+    repeat that failed: execution shows that repeat's outcomes on the result)."""
+    if result.status == TestResult.Status.ERROR:
+        return result.error or "error"
+    return (formats.failed_assertions(result) or ["the case did not pass"])[0]
+
+
+def failing_cases_table(run: TestRun, *, width: int) -> list[str]:
+    """The run's failed and errored cases, in case order: name, status and first reason,
+    each row cut to `width`; at most MAX_FAILING_ROWS of them (the report has the rest)."""
+    failing = run.results.filter(status__in=[TestResult.Status.FAILED, TestResult.Status.ERROR])
+    rows = list(
+        failing.order_by("position").only("case_name", "status", "assertion_results", "error")[
+            :MAX_FAILING_ROWS
+        ]
+    )
+    if not rows:
+        return []
+    names = [clip(row.case_name, MAX_NAME_CHARS) for row in rows]
+    name_width = max(len("case"), *map(len, names))
+    status_width = max(len("status"), *(len(row.status) for row in rows))
+    reason_width = max(20, width - 2 - name_width - 2 - status_width - 2)
+    lines = [f"  {'case':<{name_width}}  {'status':<{status_width}}  reason"]
+    lines += [
+        f"  {name:<{name_width}}  {row.status:<{status_width}}  "
+        f"{clip(first_reason(row), reason_width)}"
+        for name, row in zip(names, rows, strict=True)
+    ]
+    if len(rows) == MAX_FAILING_ROWS and (more := failing.count() - len(rows)) > 0:
+        lines.append(f"  ... and {more} more failing case(s): see the report")
+    return lines
 
 
 def progress_text(run: TestRun, position: int | None) -> str:
