@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -23,19 +24,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-os.environ.setdefault("LOG_LEVEL", "WARNING")
-# Production settings: with DEBUG on, Django's debug cursor times and keeps every query.
-os.environ.setdefault("DEBUG", "0")
-os.environ.setdefault("SECRET_KEY", "bench-only-" + "x" * 50)
+import django_env  # noqa: I001 (first: the settings and the path)
 
-import django  # noqa: E402
-
-django.setup()
-
-import multiprocessing
+django_env.setup()
+ROOT = django_env.ROOT
 
 import psutil  # noqa: E402
 from django.conf import settings  # noqa: E402

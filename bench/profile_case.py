@@ -12,20 +12,12 @@ from __future__ import annotations
 import cProfile
 import os
 import pstats
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-os.environ.setdefault("LOG_LEVEL", "WARNING")
-os.environ.setdefault("DEBUG", "0")
-os.environ.setdefault("SECRET_KEY", "bench-only-" + "x" * 50)
+import django_env  # noqa: I001 (first: the settings and the path)
 
-import django
-
-django.setup()
+django_env.setup()
+ROOT = django_env.ROOT
 
 from django.core.management import call_command
 

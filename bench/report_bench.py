@@ -20,27 +20,15 @@ from __future__ import annotations
 import os
 import random
 import statistics
-import sys
 import time
 import tracemalloc
 from datetime import timedelta
 from importlib import import_module
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-os.environ.setdefault("LOG_LEVEL", "WARNING")
-# Production settings: with DEBUG on, Django's debug cursor times and keeps every query.
-os.environ.setdefault("DEBUG", "0")
-os.environ.setdefault("SECRET_KEY", "bench-only-" + "x" * 50)
-# The test client speaks plain HTTP to the host "testserver".
-os.environ.setdefault("ALLOWED_HOSTS", "testserver")
-os.environ.setdefault("SECURE_SSL_REDIRECT", "0")
+import django_env  # noqa: I001 (first: the settings and the path)
 
-import django
-
-django.setup()
+django_env.setup(ALLOWED_HOSTS="testserver", SECURE_SSL_REDIRECT="0")
+ROOT = django_env.ROOT
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
