@@ -47,6 +47,14 @@ def test_csv_has_one_row_per_case_in_order_with_assertion_details(client, launch
     assert rows[0]["output"] == "ok 0" and json.loads(rows[0]["variables"]) == {"name": "N0"}
 
 
+def test_csv_latency_is_read_to_a_tenth_of_a_millisecond(client, launcher, finished_run):
+    finished_run.results.filter(position=0).update(latency_ms=123.456789012345)
+    rows = list(
+        csv.DictReader(io.StringIO(download(client, launcher, "report-csv", finished_run)[1]))
+    )
+    assert rows[0]["latency_ms"] == "123.5"
+
+
 def test_csv_keeps_untrusted_text_and_defuses_spreadsheet_formulas(client, launcher, finished_run):
     TestResult.objects.filter(run=finished_run, position=0).update(output=XSS)
     TestResult.objects.filter(run=finished_run, position=1).update(output='=HYPERLINK("x")')

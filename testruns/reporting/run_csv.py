@@ -70,7 +70,8 @@ def csv_rows(run: TestRun) -> Iterator[str]:
                     name,
                     status,
                     score,
-                    latency_ms,
+                    # Measured to the microsecond; a tenth of a millisecond is what people read.
+                    None if latency_ms is None else round(latency_ms, 1),
                     tokens_in,
                     tokens_out,
                     cost,
