@@ -27,6 +27,7 @@ def setup(**env: str) -> None:
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
-    import django  # after the environment above: settings are read at setup
+    # After the environment above: settings are read at setup.
+    import django
 
     django.setup()

@@ -173,14 +173,16 @@ REDIS_URL = os.environ.get("REDIS_URL") or (
     f"redis://{_credentials('', 'redis')}127.0.0.1:{env_int('EMBEDDED_REDIS_PORT', 63799)}/0"
 )
 
-# How events reach the pages. "list" (the default): channels_redis' list layer, one copy of
-# every event per page. "pubsub": Redis pub/sub, one message per web process per event, fanned
-# out to its sockets in memory, so the cost of an event does not grow with the pages watching
-# (tests/test_fanout.py; bench/realtime_bench.py measures both side by side). Pub/sub keeps
-# nothing for a process that is not listening; the pages' snapshots and sequence numbers
-# cover that, as after any reconnect.
+# How events reach the pages. "pubsub" (the default): Redis pub/sub through
+# testruns.live.layer. A web process subscribes once to a group however many of its pages
+# joined it, and an event is one PUBLISH that each web process receives once, decodes once and
+# fans out to its sockets in memory, so the cost of an event does not grow with the pages
+# watching (tests/test_fanout.py; bench/realtime_bench.py measures both layers side by side).
+# Pub/sub keeps nothing for a process that is not listening; the pages' snapshots and
+# sequence numbers cover that, as after any reconnect. "list": channels_redis' list layer,
+# one copy of every event per page in Redis, each popped by its web process in a round trip.
 CHANNEL_LAYER_PUBSUB = {
-    "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+    "BACKEND": "testruns.live.layer.PubSubChannelLayer",
     "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
 }
 CHANNEL_LAYER_LIST = {
@@ -193,13 +195,14 @@ CHANNEL_LAYER_LIST = {
         "expiry": 30,
     },
 }
-CHANNEL_LAYERS = {
-    "default": (
-        CHANNEL_LAYER_PUBSUB
-        if os.environ.get("CHANNEL_LAYER", "list") == "pubsub"
-        else CHANNEL_LAYER_LIST
-    ),
-}
+_CHANNEL_LAYER_CHOICES = {"pubsub": CHANNEL_LAYER_PUBSUB, "list": CHANNEL_LAYER_LIST}
+_channel_layer = os.environ.get("CHANNEL_LAYER") or "pubsub"
+if _channel_layer not in _CHANNEL_LAYER_CHOICES:
+    # A typo must not quietly pick the other layer.
+    raise ImproperlyConfigured(
+        f"CHANNEL_LAYER must be one of {', '.join(_CHANNEL_LAYER_CHOICES)}, not {_channel_layer!r}."
+    )
+CHANNEL_LAYERS = {"default": _CHANNEL_LAYER_CHOICES[_channel_layer]}
 
 DRAMATIQ_BROKER = {
     "BROKER": "dramatiq.brokers.redis.RedisBroker",

@@ -8,6 +8,7 @@ import redis
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
+from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
@@ -37,8 +38,13 @@ def communicator(path: str, cookie: str | None) -> WebsocketCommunicator:
 
 
 def group_size(group: str) -> int:
+    """Members of a group as Redis sees them: with the list layer, every page's channel; with
+    pub/sub, one subscription per web process (here, this one) that has a page in it."""
     layer = get_channel_layer()
-    return redis.Redis.from_url(settings.REDIS_URL).zcard(layer._group_key(group))
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    if isinstance(layer, RedisChannelLayer):
+        return client.zcard(layer._group_key(group))
+    return client.pubsub_numsub(f"asgi__group__{group}")[0][1]
 
 
 def run_limit(limit: int, provider) -> None:
@@ -259,11 +265,12 @@ def test_dashboard_gets_queue_broadcasts_and_progress_of_visible_runs_only(
     async_to_sync(scenario)()
 
 
-def test_channel_layer_reads_outlast_its_blocking_receive():
-    """channels_redis waits for messages with a blocking BZPOPMIN; a socket timeout at or
-    below its timeout kills every consumer that stays idle that long (close 1011)."""
+def test_list_layer_reads_outlast_its_blocking_receive():
+    """channels_redis' list layer (CHANNEL_LAYER=list) waits for messages with a blocking
+    BZPOPMIN; a socket timeout at or below its timeout kills every consumer that stays idle
+    that long (close 1011)."""
 
-    layer = get_channel_layer()
+    layer = RedisChannelLayer(**settings.CHANNEL_LAYER_LIST["CONFIG"])
     kwargs = layer.create_pool(0).connection_kwargs
     timeout = kwargs.get("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
     assert timeout is None or timeout > layer.brpop_timeout

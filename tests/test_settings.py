@@ -82,3 +82,24 @@ def test_default_urls_carry_the_passwords_make_run_generated(tmp_path):
         "DATABASE_URL": "postgres://postgres:pg-secret@127.0.0.1:5555/promptcards",
         "REDIS_URL": "redis://:redis-secret@127.0.0.1:6666/0",
     }
+
+
+def test_channel_layer_is_pubsub_unless_list_is_asked_for_and_a_typo_refuses():
+    def settings_with(value: str | None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "CHANNEL_LAYER"}
+        if value is not None:
+            env["CHANNEL_LAYER"] = value
+        return subprocess.run(
+            [sys.executable, "-c", "import project.settings as s; print(s.CHANNEL_LAYERS)"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    assert "testruns.live.layer.PubSubChannelLayer" in settings_with(None).stdout
+    assert "testruns.live.layer.PubSubChannelLayer" in settings_with("pubsub").stdout
+    assert "channels_redis.core.RedisChannelLayer" in settings_with("list").stdout
+    typo = settings_with("lists")
+    assert typo.returncode != 0 and "CHANNEL_LAYER must be one of" in typo.stderr

@@ -8,9 +8,9 @@ number for run events, by version for queue broadcasts).
 from __future__ import annotations
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from testruns.live import wire
+from testruns.live.delivery import LiveConsumer, run_page_text
 from testruns.live.snapshots import dashboard_state, queue_view, run_snapshot
 from testruns.models import TestRun
 from testruns.reporting.access import get_run_for_user, runs_visible_to, visible_running_ids
@@ -18,7 +18,7 @@ from testruns.reporting.access import get_run_for_user, runs_visible_to, visible
 CLOSE_FORBIDDEN = 4403
 
 
-class RunConsumer(AsyncJsonWebsocketConsumer):
+class RunConsumer(LiveConsumer):
     """One run's page: its events, and while it waits, its place in the queue."""
 
     group: str | None = None
@@ -66,9 +66,7 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
     async def run_event(self, event) -> None:
         if event["data"]["run"]["status"] != TestRun.Status.QUEUED:
             await self.leave_queue_group()
-        await self.send_json(
-            {key: value for key, value in event.items() if key != "type"} | {"type": event["kind"]}
-        )
+        await self.send(text_data=run_page_text(event))
 
     async def queue_changed(self, event) -> None:
         """Derive this run's place from the one broadcast every waiting page receives."""
@@ -91,7 +89,7 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_discard(wire.QUEUE_GROUP, self.channel_name)
 
 
-class DashboardConsumer(AsyncJsonWebsocketConsumer):
+class DashboardConsumer(LiveConsumer):
     """The dashboard: queue broadcasts as they are, and the progress (never the results) of
     the running runs this user may see."""
 

@@ -58,12 +58,23 @@ def queue_state() -> dict:
     }
 
 
+# The places in the latest broadcast asked about, as (version, {run id: place}).
+_places: tuple[int | None, dict[int, int]] = (None, {})
+
+
 def position_in(queue: dict, run_id: int) -> int | None:
-    """1-based place of a run in a queue_state() (None when it is not waiting)."""
-    for index, (waiting_id, _) in enumerate(queue["waiting"]):
-        if waiting_id == run_id:
-            return index + 1
-    return None
+    """1-based place of a run in a queue_state() (None when it is not waiting).
+
+    Every waiting page of a web process asks about the same broadcast, so its places are
+    indexed once per version rather than searched once per page (500 pages, 500 runs: a
+    quarter of a million comparisons per slot freed). A version names one read of the
+    queue, so equal versions hold equal queues."""
+    global _places
+    version, places = _places
+    if version is None or version != queue["version"]:
+        places = {waiting_id: index + 1 for index, (waiting_id, _) in enumerate(queue["waiting"])}
+        _places = (queue["version"], places)
+    return places.get(run_id)
 
 
 def queue_position(run: TestRun) -> int | None:
