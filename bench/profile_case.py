@@ -45,12 +45,12 @@ def main() -> None:
     started = time.process_time()
     profile.enable()
     # One thread handing each case on to itself, as a worker thread does (no broker).
-    execution.execute_case(first, "profile:1", keep_going=lambda: True)
+    execution.run_admitted_case(first, "profile:1", keep_going=lambda: True)
     while pending := list(
         TestResult.objects.filter(run=run, status="running").values_list("pk", flat=True)
     ):
         for result_id in pending:
-            execution.execute_case(result_id, "profile:1", keep_going=lambda: True)
+            execution.run_admitted_case(result_id, "profile:1", keep_going=lambda: True)
     profile.disable()
     cpu = time.process_time() - started
     done = TestResult.objects.filter(run=run).exclude(status="running").count()

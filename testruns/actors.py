@@ -41,4 +41,4 @@ def execute_case(result_id: int) -> None:
         log.info("host busy (%s); case %s goes back to the broker", reason, result_id)
         execute_case.send_with_options(args=(result_id,), delay=BUSY_HOST_DELAY_MS)
         return
-    execution.execute_case(result_id, holder_id(), keep_going=may_keep_cases)
+    execution.run_admitted_case(result_id, holder_id(), keep_going=may_keep_cases)

@@ -58,7 +58,7 @@ def run_in_this_thread(
         if not admitted:
             break
         for result_id in admitted:
-            execution.execute_case(result_id, holder, keep_going=lambda: hand_over)
+            execution.run_admitted_case(result_id, holder, keep_going=lambda: hand_over)
     run.refresh_from_db()
     return run
 

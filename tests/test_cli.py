@@ -13,8 +13,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from testruns.engine import gate, launching, limits
-from testruns.management.commands import run_card as run_card_command
 from testruns.models import Provider, TestCase, TestResult, TestRun
+from testruns.reporting import terminal
 from tests.conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -205,7 +205,7 @@ def test_a_failing_run_ends_with_its_failing_cases_and_report_url_and_no_log_lin
         "  a case whose name is far too long to ...  failed  "
         'contains: output does not contain "never said...',
         "  case 2                                    error   Template error: 'name' is undefined",
-        f"  report: https://cards.example.com/runs/{run.pk}/",
+        f"  report: https://cards.example.com/runs/{run.pk}/report/",
         "pass rate 50.0% (at least 100% needed): FAIL",
     ]
     assert max(len(line) for line in table) == 100
@@ -223,7 +223,7 @@ def test_the_failing_cases_table_shows_the_first_reason_and_says_how_many_more(
     make_card, simulator
 ):
     run = launching.launch_run(
-        card=make_card(cases=run_card_command.MAX_FAILING_ROWS + 3), provider=simulator
+        card=make_card(cases=terminal.MAX_FAILING_ROWS + 3), provider=simulator
     )
     results = list(run.results.order_by("position"))
     for result in results[1:]:
@@ -236,7 +236,7 @@ def test_the_failing_cases_table_shows_the_first_reason_and_says_how_many_more(
         result.save()
     results[2].status, results[2].error = TestResult.Status.ERROR, "HTTP 500: " + "boom " * 50
     results[2].save()
-    table = run_card_command.failing_cases_table(run, width=60)
+    table = terminal.failing_cases_table(run, width=60)
     assert table[:4] == [
         "  case     status  reason",
         "  case 1   failed  regex: no match for ^N",
@@ -244,10 +244,10 @@ def test_the_failing_cases_table_shows_the_first_reason_and_says_how_many_more(
         "  case 3   failed  regex: no match for ^N",
     ]
     assert len(table[2]) == 60
-    assert len(table) == 1 + run_card_command.MAX_FAILING_ROWS + 1
+    assert len(table) == 1 + terminal.MAX_FAILING_ROWS + 1
     assert table[-1] == "  ... and 2 more failing case(s): see the report"
     assert (
-        run_card_command.failing_cases_table(
+        terminal.failing_cases_table(
             launching.launch_run(card=run.card, provider=simulator), width=60
         )
         == []

@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
 from django.db.models import Count
 
 from project.embedded import free_port
@@ -274,6 +275,61 @@ def test_sigterm_hands_back_held_cases_and_releases_leases(
     wait_for(lambda: all_finished([run]), timeout=60, what="another worker to finish it")
     run.refresh_from_db()
     assert run.status == "succeeded" and run.passed_count == 2
+
+
+def test_a_stalled_sweep_never_lets_a_live_workers_lease_expire(
+    worker_factory, fake_llm, llm_provider, make_card
+):
+    """A worker's sweep blocks (here on a lock its queries need, as it would on a slow broker
+    or database) for three lease TTLs while the worker is mid-call. The heartbeat has a thread
+    of its own, so the case's lease keeps being renewed, nobody reclaims it, and the paid call
+    is made once."""
+    ttl = 2.0
+    fake_llm.latency = 12  # the call outlasts the stall
+    run = launching.launch_run(card=make_card(cases=1), provider=llm_provider, timeout_seconds=60)
+    worker_factory(
+        processes=1,
+        threads=1,
+        env={"LEASE_TTL_SECONDS": str(ttl), "SWEEP_INTERVAL_SECONDS": "0.2"},
+    )
+    wait_for(lambda: fake_llm.in_flight == 1, what="the case to be mid-call")
+
+    def lease_seconds_left() -> float:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT extract(epoch FROM min(expires_at) - now()), max(expires_at) "
+                "FROM testruns_lease WHERE result_id IS NOT NULL"
+            )
+            return cursor.fetchone()
+
+    blocker = connections.create_connection("default")
+    try:
+        with blocker.cursor() as cursor:
+            blocker.set_autocommit(False)
+            # Every sweep reads runs; the heartbeat touches only leases and its own row.
+            cursor.execute("LOCK TABLE testruns_testrun IN ACCESS EXCLUSIVE MODE")
+            wait_for(
+                lambda: TestRun.objects.raw(
+                    "SELECT 1 AS id FROM pg_locks WHERE NOT granted "
+                    "AND relation = 'testruns_testrun'::regclass"
+                ).__len__(),
+                what="the worker's sweep to wait on the lock",
+            )
+            samples = []
+            stalled_until = time.monotonic() + 3 * ttl
+            while time.monotonic() < stalled_until:
+                samples.append(lease_seconds_left())
+                time.sleep(0.2)  # the sampling period, not a wait for a condition
+            blocker.rollback()
+    finally:
+        blocker.close()
+
+    assert all(left is not None and left > 0 for left, _ in samples), samples
+    assert len({renewed_to for _, renewed_to in samples}) >= 3  # renewed all along
+    wait_for(lambda: all_finished([run]), timeout=60, what="the case to finish")
+    result = run.results.get()
+    assert (result.status, result.attempts) == ("passed", 1)
+    assert fake_llm.request_count == 1
 
 
 def test_a_cancelled_case_stops_holding_its_worker_thread(

@@ -16,6 +16,7 @@ from django.contrib.admin.sites import site
 from django.db import connection
 from django.db.models.deletion import ProtectedError
 from django.test import RequestFactory
+from rest_framework.test import APIClient
 
 from testruns.engine import admission, gate, launching, limits, sweeper
 from testruns.models import Lease, Provider, Semaphore, TestRun, WorkerHeartbeat
@@ -94,6 +95,31 @@ def test_an_admin_limit_edit_writes_only_the_limit(make_card, slow_provider, adm
 
     fresh = semaphore(gate.RUNS)
     assert (fresh.limit, fresh.in_use) == (5, 2) == (5, lease_count(gate.RUNS))
+
+
+def test_an_api_limit_edit_during_a_run_leaves_in_use_right(make_card, slow_provider, admin_user):
+    """PATCHing a provider's concurrency while its run holds call slots changes only the
+    semaphore's limit: in_use stays what the lease rows say, and a raised limit is used at
+    once by the run's waiting cases."""
+    run = started_run(make_card(cases=4), slow_provider)
+    provider_name = gate.provider_semaphore(slow_provider.pk)
+    admission.admit_cases(slow_provider.pk)
+    assert semaphore(provider_name).in_use == lease_count(provider_name) == 2
+
+    api = APIClient()
+    api.force_authenticate(admin_user)
+    lowered = api.patch(
+        f"/api/providers/{slow_provider.pk}/", {"max_concurrency": 1}, format="json"
+    )
+    assert lowered.status_code == 200, lowered.content
+    fresh = semaphore(provider_name)
+    assert (fresh.limit, fresh.in_use) == (1, 2) == (1, lease_count(provider_name))
+
+    raised = api.patch(f"/api/providers/{slow_provider.pk}/", {"max_concurrency": 3}, format="json")
+    assert raised.status_code == 200, raised.content
+    fresh = semaphore(provider_name)
+    assert (fresh.limit, fresh.in_use) == (3, 3) == (3, lease_count(provider_name))
+    assert run.results.filter(status="running").count() == 3
 
 
 def test_an_admin_limit_edit_in_the_list_promotes_waiters(make_card, slow_provider, admin_client):

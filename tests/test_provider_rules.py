@@ -293,7 +293,7 @@ def test_a_run_never_sends_an_app_setting_to_the_vendor(
     run = launching.launch_run(card=make_card(cases=1), provider=provider)
     admission.admit_runs()
     admission.admit_cases(provider.pk)
-    execution.execute_case(TestResult.objects.get(run=run).pk, "test-holder")
+    execution.run_admitted_case(TestResult.objects.get(run=run).pk, "test-holder")
 
     for request in fake_llm.requests:
         assert value not in " ".join(request.headers.values())

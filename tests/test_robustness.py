@@ -2,7 +2,7 @@
 refuses and whatever exception nobody foresaw, a claimed case gets a terminal result, its run
 ends and every slot comes back (each semaphore's in_use equals its lease rows, and is 0).
 
-Most cases run here, in this process, through execution.execute_case against the fake vendor
+Most cases run here, in this process, through execution.run_admitted_case against the fake vendor
 over real HTTP and the real PostgreSQL; the last test runs a real worker process with one
 thread, to show that the thread survives every bad answer and goes on to the next case."""
 
@@ -482,7 +482,7 @@ def test_a_database_gone_for_longer_than_the_retries_leaves_the_case_to_the_swee
     lease = Lease.objects.get(result=result)
 
     try:
-        execution.execute_case(result.pk, HOLDER)
+        execution.run_admitted_case(result.pk, HOLDER)
     finally:
         release.set()
         for locker in lockers:
@@ -526,14 +526,14 @@ def test_a_lease_that_cannot_be_handed_back_yet_is_handed_back_on_the_next_sweep
 def run_in_thread_until_interrupted(
     result_id: int, interrupt: type[BaseException], fake_llm
 ) -> BaseException | None:
-    """execute_case in a thread of its own, interrupted the way Dramatiq interrupts one
+    """run_admitted_case in a thread of its own, interrupted the way Dramatiq interrupts one
     (an asynchronous exception) while the vendor is answering."""
     raised: list[BaseException] = []
 
     def work() -> None:
 
         try:
-            execution.execute_case(result_id, HOLDER)
+            execution.run_admitted_case(result_id, HOLDER)
         except BaseException as exc:
             raised.append(exc)
         finally:

@@ -61,7 +61,7 @@ def test_api_key_is_used_but_never_shown_logged_or_stored(
     fake_llm.reply_with(
         lambda prompt: FakeReply(status=401, body={"error": {"message": f"bad key {SECRET}"}})
     )
-    execution.execute_case(TestResult.objects.get(run=run).pk, "test-holder")
+    execution.run_admitted_case(TestResult.objects.get(run=run).pk, "test-holder")
     assert "HTTP 401" in TestResult.objects.get(run=run).error
 
     pages = [answer] + [

@@ -4,7 +4,7 @@ Retry-After is honoured as long as the case has time for it; stop on first failu
 on an error; and `llm-rubric` is graded by the provider the card or the run chose, with the
 same retries, accounting and abandonment as generation.
 
-Cases run in this process through execution.execute_case against the fake vendor over real
+Cases run in this process through execution.run_admitted_case against the fake vendor over real
 HTTP and the real PostgreSQL (threads where concurrency is the point)."""
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def test_eight_concurrent_429s_halve_the_ceiling_once(fake_llm, provider, make_c
     def work(result_id: int) -> None:
 
         try:
-            execution.execute_case(result_id, HOLDER, keep_going=lambda: False)
+            execution.run_admitted_case(result_id, HOLDER, keep_going=lambda: False)
         finally:
             own.close()
 
@@ -400,7 +400,7 @@ def test_a_grader_call_is_abandoned_when_the_case_is_cancelled(
     def work() -> None:
 
         try:
-            execution.execute_case(result.pk, HOLDER, keep_going=lambda: False)
+            execution.run_admitted_case(result.pk, HOLDER, keep_going=lambda: False)
         finally:
             own.close()
             done.set()

@@ -5,6 +5,9 @@ One module per family of models: `cards` (cards, their cases and versions, impor
 export), `providers`, `runs` (runs and their results; launching from the cards' list) and
 `semaphores` (the gate's limits). Django's autodiscover imports this package, and importing
 the modules here registers their ModelAdmins.
+
+May import: testruns.engine and testruns.catalog (services), testruns.reporting,
+testruns.models. Nothing imports the admin.
 """
 
 from __future__ import annotations

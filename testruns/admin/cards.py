@@ -17,7 +17,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.text import slugify
 
-from testruns.admin.runs import LaunchForm, LaunchPermissionMixin
+from testruns.admin.runs import LaunchCardsForm, LaunchPermissionMixin
 from testruns.catalog import card_files, cards
 from testruns.engine import launching
 from testruns.models import PromptCard, PromptVersion, TestCase, TestRun
@@ -188,7 +188,7 @@ class PromptCardAdmin(LaunchPermissionMixin, admin.ModelAdmin):
     def launch_runs(self, request, queryset) -> HttpResponse | None:
         """Ask for the providers and settings, then launch through launching.launch_runs:
         all the runs or none, several as one comparison group (as the launch page)."""
-        form = LaunchForm(request.POST if "launch" in request.POST else None)
+        form = LaunchCardsForm(request.POST if "launch" in request.POST else None)
         if form.is_valid():
             try:
                 runs = launching.launch_runs(user=request.user, **form.launch_arguments(queryset))

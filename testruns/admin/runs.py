@@ -27,7 +27,7 @@ class LaunchPermissionMixin:
         return request.user.has_perm("testruns.cancel_testrun")
 
 
-class LaunchForm(forms.Form):
+class LaunchCardsForm(forms.Form):
     """Launch the chosen cards (their latest versions) as the launch page does: all their
     enabled cases or those with any of some tags, on one or more providers, all or none.
     The settings are TestRun's, with its bounds; one left empty takes the model's default."""

@@ -68,7 +68,7 @@ def handover_budget_seconds() -> float:
     return min(HANDOVER_BUDGET_SECONDS, case_time_limit_seconds() / 4)
 
 
-def execute_case(
+def run_admitted_case(
     result_id: int, holder: str, *, keep_going: Callable[[], bool] = lambda: True
 ) -> None:
     """Run an admitted case, then keep running the cases its released slot hands over.

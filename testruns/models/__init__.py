@@ -1,6 +1,9 @@
 """The domain: providers, prompt cards and their versions, test cases, runs, results, and the
 rows behind the concurrency gate. Thin: behaviour lives in the service modules. A package so
-that each family has a module of its own; Django finds the models through these imports."""
+that each family has a module of its own; Django finds the models through these imports.
+
+May import: only the catalog's pure modules (assertions, prompts, provider rules) for
+validation; everything else in the app imports the models, never the other way round."""
 
 from __future__ import annotations
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import shutil
 import signal
 import sys
 import threading
@@ -26,7 +24,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.management.base import BaseCommand, CommandError
@@ -34,9 +31,16 @@ from django.core.management.base import BaseCommand, CommandError
 from testruns.catalog import lookup
 from testruns.engine import launching, run_settings
 from testruns.live import snapshots
-from testruns.models import PromptCard, Provider, TestResult, TestRun
+from testruns.models import PromptCard, Provider, TestRun
 from testruns.reporting import formats
-from testruns.reporting.statistics import pass_rate
+from testruns.reporting.terminal import (
+    failing_cases_table,
+    live_url,
+    progress_text,
+    report_url,
+    summary_line,
+    table_width,
+)
 
 EX_USAGE = 2
 # The run settings this command sets: TestRun's field -> (option, its dest). Their defaults
@@ -49,11 +53,6 @@ SETTING_OPTIONS = {
     "priority": ("--priority", "priority"),
 }
 EX_TEMPFAIL = 75  # sysexits.h: "temporary failure", e.g. a full queue
-BAR_WIDTH = 20
-# The failing-cases table: enough rows to see a pattern, a line each, the rest in the report.
-MAX_FAILING_ROWS = 20
-MAX_NAME_CHARS = 40
-TABLE_WIDTH = 100  # when stdout is no terminal (a CI log) and COLUMNS is not set
 
 
 class Command(BaseCommand):
@@ -188,7 +187,7 @@ class Command(BaseCommand):
         for run in runs:
             self.stderr.write(
                 f"Queued run #{run.pk}: {card.slug} on {run.provider.name} "
-                f"({run.total_cases} cases) {report_url(run)}"
+                f"({run.total_cases} cases) {live_url(run)}"
             )
         if not (options["wait"] or options["junit"] or options["json"] or options["timeout"]):
             self.stdout.write(" ".join(str(run.pk) for run in runs))
@@ -309,17 +308,6 @@ def check_options(options: dict) -> None:
         raise CommandError(" ".join(problems), returncode=EX_USAGE)
 
 
-def summary_line(run: TestRun) -> str:
-    evaluated = run.passed_count + run.failed_count + run.error_count
-    fraction = pass_rate(run.passed_count, run.failed_count, run.error_count)
-    rate = f"{100 * fraction:.0f}%" if fraction is not None else "n/a"
-    return (
-        f"run #{run.pk} {run.card.slug} on {run.provider.name}: {run.status}, "
-        f"{run.passed_count} passed, {run.failed_count} failed, {run.error_count} error, "
-        f"{run.total_cases - evaluated} not evaluated (pass rate {rate})"
-    )
-
-
 @contextmanager
 def log_lines_for(verbosity: int) -> Iterator[None]:
     """Below -v 2, no INFO log lines (e.g. "run queued"): the command says what matters
@@ -334,67 +322,6 @@ def log_lines_for(verbosity: int) -> Iterator[None]:
         yield
     finally:
         logging.disable(previous)  # call_command in a longer-lived process (the tests)
-
-
-def report_url(run: TestRun) -> str:
-    return f"{settings.SITE_URL}{run.get_absolute_url()}"
-
-
-def table_width() -> int:
-    return max(60, shutil.get_terminal_size((TABLE_WIDTH, 24)).columns)
-
-
-def clip(text: str, width: int) -> str:
-    """One line of at most `width` characters: an error's traceback or a long reason must not
-    turn the table into a wall of text."""
-    text = re.sub(r"\s+", " ", text).strip()
-    return text if len(text) <= width else text[: max(0, width - 3)] + "..."
-
-
-def first_reason(result: TestResult) -> str:
-    """Why the case did not pass: the error, or its first failed assertion (of the first
-    repeat that failed: execution shows that repeat's outcomes on the result)."""
-    if result.status == TestResult.Status.ERROR:
-        return result.error or "error"
-    return (formats.failed_assertions(result) or ["the case did not pass"])[0]
-
-
-def failing_cases_table(run: TestRun, *, width: int) -> list[str]:
-    """The run's failed and errored cases, in case order: name, status and first reason,
-    each row cut to `width`; at most MAX_FAILING_ROWS of them (the report has the rest)."""
-    failing = run.results.filter(status__in=[TestResult.Status.FAILED, TestResult.Status.ERROR])
-    rows = list(
-        failing.order_by("position").only("case_name", "status", "assertion_results", "error")[
-            :MAX_FAILING_ROWS
-        ]
-    )
-    if not rows:
-        return []
-    names = [clip(row.case_name, MAX_NAME_CHARS) for row in rows]
-    name_width = max(len("case"), *map(len, names))
-    status_width = max(len("status"), *(len(row.status) for row in rows))
-    reason_width = max(20, width - 2 - name_width - 2 - status_width - 2)
-    lines = [f"  {'case':<{name_width}}  {'status':<{status_width}}  reason"]
-    lines += [
-        f"  {name:<{name_width}}  {row.status:<{status_width}}  "
-        f"{clip(first_reason(row), reason_width)}"
-        for name, row in zip(names, rows, strict=True)
-    ]
-    if len(rows) == MAX_FAILING_ROWS and (more := failing.count() - len(rows)) > 0:
-        lines.append(f"  ... and {more} more failing case(s): see the report")
-    return lines
-
-
-def progress_text(run: TestRun, position: int | None) -> str:
-    """ "#3 in queue" while waiting, a bar with counts once running or done."""
-    if run.status == TestRun.Status.QUEUED:
-        return f"run #{run.pk}: #{position or '?'} in queue"
-    filled = BAR_WIDTH * run.done_count // run.total_cases if run.total_cases else BAR_WIDTH
-    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-    return (
-        f"run #{run.pk} [{bar}] {run.done_count}/{run.total_cases} done, "
-        f"{run.passed_count} passed, {run.failed_count} failed, {run.error_count} error"
-    )
 
 
 class RunWatcher:
