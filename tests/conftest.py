@@ -24,7 +24,7 @@ from testruns.catalog.cards import snapshot_version
 from testruns.engine import admission, execution
 from testruns.models import PromptCard, Provider, Semaphore, TestCase, TestResult, TestRun
 
-pytest_plugins = ["tests.fake_llm"]
+pytest_plugins = ["tests.fake_llm", "tests.browser"]
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_DIR = Path(os.environ.get("TEST_OUTPUT_DIR", ROOT / "test-output"))
