@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from testruns.web import views
+from testruns.web import comparing, reference, versions, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -12,12 +12,24 @@ urlpatterns = [
     path("runs/<int:pk>/", views.run_detail, name="run-detail"),
     path("runs/<int:pk>/status.json", views.run_status, name="run-status"),
     path("runs/<int:pk>/results.json", views.run_results, name="run-results"),
+    path(
+        "runs/<int:pk>/results/<int:position>/detail/",
+        views.result_detail,
+        name="result-detail",
+    ),
     path("runs/<int:pk>/cancel/", views.run_cancel, name="run-cancel"),
     path("runs/<int:pk>/report/", views.report, name="report"),
     path("runs/<int:pk>/baseline/", views.pin_baseline, name="pin-baseline"),
     path("runs/<int:pk>/report.csv", views.report_csv, name="report-csv"),
     path("runs/<int:pk>/report.json", views.report_json, name="report-json"),
     path("runs/<int:pk>/junit.xml", views.report_junit, name="report-junit"),
-    path("compare/", views.compare, name="compare"),
-    path("comparisons/<uuid:group>/", views.comparison, name="comparison"),
+    path("compare/", comparing.compare, name="compare"),
+    path("comparisons/<uuid:group>/", comparing.comparison, name="comparison"),
+    path("reference/assertions/", reference.assertion_reference, name="assertion-reference"),
+    path("cards/<int:card_pk>/versions/<int:number>/", versions.version, name="version"),
+    path(
+        "cards/<int:card_pk>/versions/<int:number>/restore/",
+        versions.restore,
+        name="version-restore",
+    ),
 ]

@@ -598,11 +598,13 @@ def test_assertion_errors_names_position_type_and_problem(assertions, errors):
     assert assertion_errors(assertions) == errors
 
 
-def test_unknown_type_lists_the_accepted_types():
-    (error,) = assertion_errors([{"type": "containz", "value": "x"}])
+def test_a_misspelt_type_gets_the_near_one_and_a_stranger_the_accepted_types():
+    (near,) = assertion_errors([{"type": "containz", "value": "x"}])
+    (far,) = assertion_errors([{"type": "zzqqxx", "value": "x"}])
 
-    assert error.startswith('assertion 1: unknown type "containz"; expected one of: contains, ')
-    assert all(name in error for name in ASSERTION_TYPES)
+    assert near == 'assertion 1: unknown type "containz"; did you mean "contains"?'
+    assert far.startswith('assertion 1: unknown type "zzqqxx"; expected one of: contains, ')
+    assert all(name in far for name in ASSERTION_TYPES)
 
 
 def test_not_variants_of_budgets_are_unknown_types():

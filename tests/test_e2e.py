@@ -81,9 +81,9 @@ def test_queue_positions_fall_live_progress_reaches_100_and_runs_can_be_cancelle
     worker_factory(processes=1, threads=4)
     for run_page in (watcher, second):
         expect(run_page.locator("#run-status")).to_have_text("succeeded", timeout=90_000)
-        expect(run_page.locator(".progress")).to_have_attribute("aria-valuenow", "4")
+        expect(run_page.locator(".progress")).to_have_attribute("aria-valuenow", "100")
         expect(run_page.locator(".progress .bar")).to_have_attribute("style", "width: 100%;")
-        expect(run_page.locator("#run-counts")).to_contain_text("4/4 done · 4 passed")
+        expect(run_page.locator("#run-counts")).to_contain_text("4/4 cases done · 4 passed")
         expect(run_page.locator("#run-results tr")).to_have_count(4)
     expect(watcher.locator("#run-queue")).to_be_hidden()
     assert watcher.evaluate("window.__notReloaded") is True
@@ -155,7 +155,7 @@ def test_page_catches_up_after_its_websocket_drops_mid_run_with_nothing_lost_or_
         "rows => rows.map(row => row.dataset.resultId)"
     )
     assert len(set(ids)) == 30
-    expect(page.locator("#run-counts")).to_contain_text("30/30 done · 30 passed")
+    expect(page.locator("#run-counts")).to_contain_text("30/30 cases done · 30 passed")
     screenshot(page, "run-after-reconnect")
 
 
@@ -216,7 +216,7 @@ def test_a_ten_thousand_case_run_keeps_the_page_small_and_pages_the_rest(
     page = context.new_page()
     log_in(page, expect)
     page.goto(f"/runs/{run.pk}/")
-    expect(page.locator("#run-counts")).to_contain_text("10000/10000 done")
+    expect(page.locator("#run-counts")).to_contain_text("10000/10000 cases done")
     rows = page.locator("#run-results tr")
     expect(rows).to_have_count(100)  # the latest 100 by position; the DOM stays small
     expect(rows.first.locator("td").first).to_have_text("9901")
@@ -250,5 +250,5 @@ def test_without_a_websocket_the_run_page_polls_and_still_follows_the_run(
     worker_factory(processes=1, threads=2)
     expect(page.locator("#run-status")).to_have_text("succeeded")
     expect(page.locator("#run-results tr")).to_have_count(5)
-    expect(page.locator("#run-counts")).to_contain_text("5/5 done · 5 passed")
+    expect(page.locator("#run-counts")).to_contain_text("5/5 cases done · 5 passed")
     expect(page.locator("#run-report")).to_be_visible()

@@ -260,7 +260,7 @@ def test_report_counts_every_change_and_marks_those_on_the_page(
     changes = response.context["changes"]
     assert (changes["regression_count"], changes["fix_count"]) == (60, 2)
     assert len(changes["regressions"]) == 50 and changes["regressions"][0].position == 60
-    marks = {result.position: mark for result, mark in response.context["rows"]}
+    marks = {result.position: mark for result, mark, _ in response.context["rows"]}
     assert {p for p, mark in marks.items() if mark == "regression"} == set(range(60, 100))
     assert "60 regressions" in response.content.decode()
 
@@ -289,7 +289,7 @@ def csv_as_before(run: TestRun) -> bytes:
         assertions = run_csv.assertion_summary(r.assertion_results)
         values = (
             r.position + 1, r.case_name, r.status, r.score, r.latency_ms, r.tokens_in,
-            r.tokens_out, r.cost, r.attempts, r.cached, assertions, r.error, r.output,
+            r.tokens_out, r.cost, r.attempts, r.retries, r.cached, assertions, r.error, r.output,
             json.dumps(r.variables, ensure_ascii=False),
         )  # fmt: skip
         writer.writerow([run_csv._cell(v) for v in values])

@@ -1,6 +1,29 @@
 // Comparison page: while any of its runs is unfinished, each column header follows its run
 // live; once they have all finished, the case table is fetched again (server-rendered and
 // escaped) instead of asking for a reload.
+// History page: the "Compare selected" button waits for two ticked runs. Without this script
+// the form still works: the server takes the ticked runs as repeated ?runs= parameters.
+(function () {
+  "use strict";
+  const form = document.getElementById("compare-form");
+  if (!form) return;
+  const button = document.getElementById("compare-selected");
+  const hint = document.getElementById("compare-hint");
+  const boxes = () => [...document.querySelectorAll("input[name=runs][form=compare-form]")];
+
+  function refresh() {
+    const picked = boxes().filter((box) => box.checked).length;
+    button.disabled = picked < 2;
+    hint.textContent = picked ? `${picked} run${picked === 1 ? "" : "s"} ticked` +
+      (picked < 2 ? ": tick one more." : ".") : hint.dataset.hint;
+  }
+
+  document.addEventListener("change", (event) => {
+    if (event.target.matches("input[name=runs][form=compare-form]")) refresh();
+  });
+  refresh();
+})();
+
 (function () {
   "use strict";
   const root = document.getElementById("compare");

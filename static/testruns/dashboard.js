@@ -13,9 +13,9 @@
   window.__dashboard = state;
 
   function progress(run) {
-    const pct = run.total_cases ? Math.floor((100 * run.done_count) / run.total_cases) : 0;
+    const pct = window.Live.progressPercent(run);
     const bar = h("div", { className: "progress", role: "progressbar", "aria-valuemin": 0,
-                           "aria-valuemax": run.total_cases, "aria-valuenow": run.done_count },
+                           "aria-valuemax": 100, "aria-valuenow": pct },
                   h("div", { className: "bar" }));
     bar.firstElementChild.style.width = pct + "%";
     return h("td", {}, bar, h("span", { className: "counts",

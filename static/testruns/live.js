@@ -103,5 +103,16 @@ window.Live = (function () {
     return m ? m + " min " + String(s).padStart(2, "0") + " s" : s + " s";
   }
 
-  return { h, fetchJSON, csrfToken, connect, formatSeconds };
+  // Progress of a run in model calls (cases x repeats), as the server's progress_percent; a
+  // state without the call counts (an older event) falls back to cases.
+  function progressPercent(run) {
+    if (run.calls_total) return Math.min(100, Math.floor((100 * run.calls_done) / run.calls_total));
+    return run.total_cases ? Math.floor((100 * run.done_count) / run.total_cases) : 0;
+  }
+
+  function dollars(value) {
+    return "$" + Number(value || 0).toFixed(6);
+  }
+
+  return { h, fetchJSON, csrfToken, connect, formatSeconds, progressPercent, dollars };
 })();

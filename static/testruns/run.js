@@ -27,17 +27,20 @@
     status.textContent = r.status;
     status.className = "status " + r.status;
     el("run-phase").textContent = r.status === "running" ? "Phase: " + r.phase : "";
-    const pct = r.total_cases ? Math.floor((100 * r.done_count) / r.total_cases) : 0;
+    const pct = window.Live.progressPercent(r);
     const bar = root.querySelector(".progress");
-    bar.setAttribute("aria-valuenow", r.done_count);
-    bar.setAttribute("aria-valuemax", r.total_cases);
+    bar.setAttribute("aria-valuenow", pct);
+    bar.setAttribute("aria-valuemax", 100);
     bar.firstElementChild.style.width = pct + "%";
+    // With repeats, progress is in model calls: a case is done only after all of its calls.
+    const calls = r.calls_total > r.total_cases
+      ? ` · ${Math.min(r.calls_done, r.calls_total)}/${r.calls_total} calls` : "";
     el("run-counts").textContent =
-      `${r.done_count}/${r.total_cases} done · ${r.passed_count} passed · ` +
+      `${r.done_count}/${r.total_cases} cases done${calls} · ${r.passed_count} passed · ` +
       `${r.failed_count} failed · ${r.error_count} errors (${pct} %)`;
     if (r.tokens_in !== undefined) {
       el("run-usage").textContent =
-        `${r.tokens_in} tokens in · ${r.tokens_out} out · cost ${Number(r.cost).toFixed(6)}`;
+        `${r.tokens_in} tokens in · ${r.tokens_out} out · cost ${window.Live.dollars(r.cost)}`;
     }
     const finished = FINISHED.includes(r.status);
     el("run-report").hidden = !finished;
@@ -108,18 +111,42 @@
     return box;
   }
 
+  // A row's detail (prompts, variables, whole output, every repeat) is the report's, fetched
+  // as server-rendered, escaped HTML when the row is expanded.
+  async function toggleDetail(row, result) {
+    const next = row.nextElementSibling;
+    if (next && next.classList.contains("detail-row")) { next.remove(); return; }
+    const cell = h("td", { colspan: 8, text: "Loading…" });
+    const detailRow = h("tr", { className: "detail-row" }, cell);
+    row.after(detailRow);
+    try {
+      const response = await fetch(`/runs/${runId}/results/${result.position}/detail/`,
+                                   { credentials: "same-origin" });
+      if (!response.ok) throw new Error(response.status);
+      const html = new DOMParser().parseFromString(await response.text(), "text/html");
+      cell.textContent = "";
+      cell.append(...html.body.childNodes);
+    } catch (_) {
+      cell.textContent = "The detail could not be loaded; the report has it.";
+    }
+  }
+
   function resultRow(result) {
     const output = result.error || result.output || "";
-    return h("tr", { dataset: { resultId: result.id, position: result.position } },
+    const more = h("button", { type: "button", className: "secondary small", text: "Detail",
+                               dataset: { detail: result.position } });
+    const row = h("tr", { dataset: { resultId: result.id, position: result.position } },
       h("td", { text: String(result.position + 1) }),
-      h("td", { text: result.case_name }),
+      h("td", {}, result.case_name, " ", more),
       h("td", { className: "status " + result.status, text: result.status }),
       h("td", {}, h("pre", { className: "output", text: output }), repeatList(result.repeats)),
       h("td", {}, assertionList(result.assertion_results)),
       h("td", { text: result.latency_ms == null ? "" : Math.round(result.latency_ms) + " ms" }),
       h("td", { text: result.tokens_in || result.tokens_out
         ? `${result.tokens_in}/${result.tokens_out}` : "" }),
-      h("td", { text: result.cost ? Number(result.cost).toFixed(6) : "" }));
+      h("td", { text: result.cost ? window.Live.dollars(result.cost) : "" }));
+    more.addEventListener("click", () => toggleDetail(row, result));
+    return row;
   }
 
   function renderResult(result) {

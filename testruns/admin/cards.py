@@ -15,35 +15,58 @@ from django.http import HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
-from django.utils.text import slugify
+from django.utils.safestring import SafeString
+from django.utils.text import Truncator, slugify
 
+from testruns.admin.case_editor import TestCaseInline
 from testruns.admin.runs import LaunchCardsForm, LaunchPermissionMixin
 from testruns.catalog import card_files, cards
 from testruns.engine import launching
-from testruns.models import PromptCard, PromptVersion, TestCase, TestRun
+from testruns.models import PromptCard, PromptVersion, TestRun
 from testruns.reporting import statistics
 
 
-class TestCaseInline(admin.StackedInline):
-    model = TestCase
-    extra = 0
-    fields = [("name", "enabled", "order"), "variables", "assertions", ("threshold", "tags")]
-
-
 class PromptVersionInline(admin.TabularInline):
+    """The card's versions, newest first, each linked to its page on the site (its prompt in
+    full and its diff against the version before, and "Restore this version")."""
+
     model = PromptVersion
     extra = 0
     can_delete = False
-    fields = ["number", "created_at", "author", "change_note", "template"]
+    fields = [
+        "version",
+        "created_at",
+        "author",
+        "change_note",
+        "system_prompt_start",
+        "template_start",
+    ]
     readonly_fields = fields
     ordering = ["-number"]
-    verbose_name_plural = "Version history (read-only)"
+    verbose_name_plural = "Version history (read-only; a version's page shows its diff)"
+    PROMPT_CHARS = 120
+
+    def get_queryset(self, request) -> QuerySet[PromptVersion]:
+        return super().get_queryset(request).select_related("author")
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False
 
     def has_change_permission(self, request, obj=None) -> bool:
         return False
+
+    @admin.display(description="version")
+    def version(self, version) -> str:
+        url = reverse("version", args=[version.card_id, version.number])
+        return format_html('<a href="{}" class="version-link">v{}</a>', url, version.number)
+
+    @admin.display(description="system prompt")
+    def system_prompt_start(self, version) -> str:
+        return Truncator(version.system_prompt).chars(self.PROMPT_CHARS) or "–"
+
+    @admin.display(description="template")
+    def template_start(self, version) -> str:
+        return Truncator(version.template).chars(self.PROMPT_CHARS)
 
 
 class TagFilter(admin.SimpleListFilter):
@@ -73,16 +96,47 @@ class LastStatusFilter(admin.SimpleListFilter):
         return queryset.filter(last_status=self.value()) if self.value() else queryset
 
 
+class ChangeNoteInput(forms.TextInput):
+    """The change note's box and, once the form has asked for a note (`asked`), a hidden
+    flag saying so, with which the next save goes through without one."""
+
+    asked = False
+
+    def render(self, name, value, attrs=None, renderer=None) -> SafeString:
+        box = super().render(name, value, attrs, renderer)
+        if not self.asked:
+            return box
+        return format_html('{}<input type="hidden" name="{}" value="1">', box, name + CONFIRMED)
+
+
+CONFIRMED = "_confirmed"  # after the change note's name: the hidden flag's
+NOTE_ASKED = "You changed the prompt: add a change note, or save again to save without one."
+
+
+def _lf(text: str | None) -> str:
+    # Browsers send a textarea's line ends as CRLF: an untouched multi-line prompt saved from
+    # the admin is no change of the prompt, and makes no new version.
+    return (text or "").replace("\r\n", "\n")
+
+
 class PromptCardForm(forms.ModelForm):
     change_note = forms.CharField(
         required=False,
         max_length=300,
-        help_text="Why the prompt changed; kept with the new version.",
+        widget=ChangeNoteInput,
+        help_text="Why the prompt changed; kept with the new version. Optional, but asked for "
+        "when the system prompt or the template changed.",
     )
 
     class Meta:
         model = PromptCard
         fields = "__all__"
+
+    def clean_system_prompt(self) -> str:
+        return _lf(self.cleaned_data.get("system_prompt"))
+
+    def clean_template(self) -> str:
+        return _lf(self.cleaned_data.get("template"))
 
     def clean(self) -> dict:
         cleaned = super().clean()
@@ -90,7 +144,22 @@ class PromptCardForm(forms.ModelForm):
             cards.check_baseline(self.instance, cleaned.get("baseline_run"))
         except ValidationError as exc:
             self.add_error(None, exc)
+        self._ask_for_a_change_note(cleaned)
         return cleaned
+
+    def _ask_for_a_change_note(self, cleaned: dict) -> None:
+        """A changed prompt of an existing card without a note is sent back once, asking for
+        one; the page then carries a flag with which saving again saves without it. (The
+        instance still holds the stored prompt here: the form copies its data in after.)"""
+        if self.instance._state.adding or cleaned.get("change_note"):
+            return
+        fields = ("system_prompt", "template")
+        if all(_lf(cleaned.get(f)) == _lf(getattr(self.instance, f)) for f in fields):
+            return
+        if self.data.get(self.add_prefix("change_note") + CONFIRMED) == "1":
+            return
+        self.fields["change_note"].widget.asked = True
+        self.add_error("change_note", NOTE_ASKED)
 
 
 class ImportForm(forms.Form):

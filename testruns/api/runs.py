@@ -48,7 +48,7 @@ IDEMPOTENCY_HEADER = OpenApiParameter(
 PROGRESS_FIELDS = (
     "id", "status", "phase", "queue_position", "total_cases", "done_count", "passed_count",
     "failed_count", "error_count", "waited_seconds", "running_seconds", "tokens_in",
-    "tokens_out", "cost",
+    "tokens_out", "cost", "calls_done", "calls_total",
 )  # fmt: skip
 
 
@@ -147,9 +147,10 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             "seq": snapshot["seq"],
             "queue_length": queue["waiting"] if queue else None,
             "skipped_count": max(0, state["done_count"] - evaluated),
+            # In model calls (cases x repeats), as the pages show it.
             "percent_done": (
-                100.0 * state["done_count"] / state["total_cases"]
-                if state["total_cases"]
+                min(100.0, 100.0 * state["calls_done"] / state["calls_total"])
+                if state["calls_total"]
                 else 100.0
             ),
             "waiting_reasons": queue_stats.run_waiting_reasons(snapshot),

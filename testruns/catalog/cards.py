@@ -52,6 +52,27 @@ def snapshot_version(
     )
 
 
+def restore_version(
+    version: PromptVersion, *, user: AbstractBaseUser | None = None
+) -> tuple[PromptVersion, bool]:
+    """Make `version`'s prompt the card's again, as a NEW version noted "Restored vN"; the
+    history is never edited. Returns the card's latest version and whether it is new (False
+    when the card's prompt is that prompt already: nothing is saved).
+
+    1. Lock the card's row and read it afresh, so that the fields someone saved since the
+       caller read the card (its name, its baseline) are kept, and two restores at once
+       make their versions one after the other.
+    2. Put the version's system prompt and template back and save through save_card.
+    """
+    with transaction.atomic():
+        card = PromptCard.objects.select_for_update().get(pk=version.card_id)
+        prompt = (version.system_prompt, version.template)
+        if (card.system_prompt, card.template) == prompt:
+            return snapshot_version(card, author=user), False
+        card.system_prompt, card.template = prompt
+        return save_card(card, user=user, note=f"Restored v{version.number}"), True
+
+
 def duplicate_card(card: PromptCard, *, user: AbstractBaseUser | None = None) -> PromptCard:
     """Copy a card with its test cases under a free "<slug>-copy[-N]" slug; history stays."""
     slug, n = f"{card.slug}-copy", 1

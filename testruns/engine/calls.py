@@ -36,6 +36,9 @@ class CallTracker:
     and gradings, whether its provider said 429, and its time budget (a monotonic deadline)."""
 
     attempts: int = 0
+    retries: int = 0
+    # Calls of this case already added to the run's calls_done while it ran (repeats).
+    calls_counted: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
     cost: Decimal = Decimal(0)
@@ -57,6 +60,8 @@ class CallTracker:
     def fields(self) -> dict:
         return {
             "attempts": self.attempts,
+            "retries": self.retries,
+            "calls_counted": self.calls_counted,
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
             "cost": self.cost,
@@ -139,6 +144,7 @@ def call_with_retries(
     for attempt in range(run.max_retries + 1):
         if own:
             tracker.attempts += 1
+            tracker.retries += attempt > 0
         sent = time.monotonic()
         try:
             return call_provider(run, system, prompt, lost, provider=provider)

@@ -43,6 +43,7 @@ from testruns.engine.followups import followups
 from testruns.engine.recording import (
     CaseOutcome,
     close_case,
+    count_call,
     forsake,
     hand_back_case,
     keep_spent,
@@ -222,6 +223,10 @@ def run_case(run: TestRun, result: TestResult, lost: threading.Event | None = No
     try:
         grade = grader_for(run, tracker, lost)
         for number in range(wanted):
+            if number:  # the previous repeat's call is done: progress moves with each call
+                tracker.calls_counted += 1
+                followups.later(lambda: count_call(run.pk))
+            attempts_before = tracker.attempts
             completion, cached = generate(
                 run, system, prompt, tracker, lost, use_cache=run.use_cache and number == 0
             )
@@ -244,7 +249,7 @@ def run_case(run: TestRun, result: TestResult, lost: threading.Event | None = No
                 # A grader call given up on because the lease went: the assertion module saw
                 # an exception and failed the assertion; the case is not ours to record.
                 raise inflight.CaseAbandoned
-            repeats.append(Repeat(completion, cached, verdict))
+            repeats.append(Repeat(completion, cached, verdict, tracker.attempts - attempts_before))
             if verdict.error:  # the grader could not answer: no use asking again
                 break
     except providers.ProviderError as exc:
@@ -297,6 +302,7 @@ class Repeat:
     completion: providers.Completion
     cached: bool
     verdict: assertions.CaseVerdict
+    attempts: int = 1  # the calls this repeat's answer took (retries included)
 
     def as_dict(self) -> dict:
         return {
@@ -308,6 +314,7 @@ class Repeat:
             "tokens_in": self.completion.tokens_in,
             "tokens_out": self.completion.tokens_out,
             "cached": self.cached,
+            "attempts": self.attempts,
         }
 
 

@@ -260,6 +260,7 @@ OUTCOME_COLUMNS = frozenset(
         "tokens_out",
         "cost",
         "attempts",
+        "retries",
         "repeat_passes",
         "repeat_results",
         "cached",
@@ -300,7 +301,9 @@ def close_case(
     that was the run's last case, finish the run and promote the next runs (as finish_run);
     then promote waiting cases into the free slots, the first kept for `keeper`. In
     autocommit this is one statement and one transaction; inside the caller's, part of it."""
-    unknown = fields.keys() - OUTCOME_COLUMNS
+    # "calls_counted" is no column: how many of the case's calls the worker already added to
+    # the run's calls_done while the case ran; pcr_close_case adds the rest.
+    unknown = fields.keys() - OUTCOME_COLUMNS - {"calls_counted"}
     if unknown:
         raise ValueError(f"not outcome columns of a result: {sorted(unknown)}")
     (row,) = _rows(

@@ -220,6 +220,8 @@ def run_summary(run: TestRun) -> dict:
         "priority": run.priority,
         "total_cases": run.total_cases,
         "done_count": run.done_count,
+        "calls_done": run.calls_done,
+        "calls_total": run.calls_total,
         "passed_count": run.passed_count,
         "failed_count": run.failed_count,
         "error_count": run.error_count,

@@ -31,11 +31,14 @@ RUN_STATE = [
     "tokens_in",
     "tokens_out",
     "cost",
+    "calls_done",
+    "calls_total",
 ]
 # Columns of the run row behind RUN_STATE (cost as a float: events travel as msgpack).
 RUN_STATE_COLUMNS = (
     "event_seq, status, phase, total_cases, done_count, passed_count, "
-    "failed_count, error_count, tokens_in, tokens_out, cost::float8"
+    "failed_count, error_count, tokens_in, tokens_out, cost::float8, calls_done, "
+    "total_cases * GREATEST(repeats, 1)"
 )
 RESULT_ROW = [
     "id",
@@ -50,6 +53,7 @@ RESULT_ROW = [
     "cost",
     "assertion_results",
     "attempts",
+    "retries",
     "cached",
     "repeats",
 ]
@@ -73,7 +77,7 @@ def result_columns(alias: str = "") -> str:
     return (
         f"{p}id, {p}position, {p}case_name, {p}status, left({p}output, {TEXT_PREVIEW}), "
         f"left({p}error, {TEXT_PREVIEW}), {p}latency_ms, {p}tokens_in, {p}tokens_out, "
-        f"{p}cost::float8, {p}assertion_results, {p}attempts, {p}cached, "
+        f"{p}cost::float8, {p}assertion_results, {p}attempts, {p}retries, {p}cached, "
         + REPEATS_PREVIEW.format(p=p, preview=TEXT_PREVIEW)
     )
 

@@ -225,8 +225,32 @@ class TestCase(models.Model):
     class Meta:
         ordering = ["card", "order", "id"]
 
+    def __init__(self, *args, **kwargs) -> None:
+        # A case made without an order goes after the card's last case when saved (save()).
+        # Rows loaded from the database come positionally, with their stored order.
+        if not args:
+            kwargs.setdefault("order", None)
+        super().__init__(*args, **kwargs)
+
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args, **kwargs) -> None:
+        if self.order is None:
+            self.order = self.next_order(self.card_id, excluding=self.pk)
+        super().save(*args, **kwargs)
+
+    @classmethod
+    def next_order(cls, card_id: int | None, *, excluding: int | None = None) -> int:
+        """One past the card's last case: 0 for its first case."""
+        cases = cls.objects.filter(card_id=card_id).exclude(pk=excluding)
+        last = cases.aggregate(last=models.Max("order"))["last"]
+        return 0 if last is None else last + 1
+
+    def clean_fields(self, exclude=None) -> None:
+        if self.order is None:  # not chosen yet: save() gives it one
+            exclude = {*(exclude or ()), "order"}
+        super().clean_fields(exclude)
 
     def clean(self) -> None:
         errors = {}

@@ -95,6 +95,8 @@ class TestRun(models.Model):
     # Totals, kept current while the run goes
     total_cases = models.PositiveIntegerField(default=0)
     done_count = models.PositiveIntegerField(default=0)
+    # Model calls made, counted as each repeat ends: progress for runs with repeats.
+    calls_done = models.PositiveBigIntegerField(default=0)
     passed_count = models.PositiveIntegerField(default=0)
     failed_count = models.PositiveIntegerField(default=0)
     error_count = models.PositiveIntegerField(default=0)
@@ -139,6 +141,19 @@ class TestRun(models.Model):
     def is_finished(self) -> bool:
         return self.status in self.FINISHED
 
+    @property
+    def calls_total(self) -> int:
+        """Model calls the run makes in all: each case once per repeat."""
+        return self.total_cases * max(1, self.repeats)
+
+    @property
+    def progress_percent(self) -> int:
+        """Progress in calls (a run with repeats moves with every call, not every case);
+        a case reclaimed and run again may count its calls twice, hence the cap."""
+        if not self.calls_total:
+            return 100 if self.is_finished else 0
+        return min(100, 100 * self.calls_done // self.calls_total)
+
 
 class TestResult(models.Model):
     """One per (run, case). The case's variables and assertions are copied in, so a report
@@ -172,6 +187,9 @@ class TestResult(models.Model):
     tokens_out = models.PositiveIntegerField(default=0)
     cost = models.DecimalField(max_digits=14, decimal_places=6, default=0)
     attempts = models.PositiveIntegerField(default=0)
+    # Of those attempts, the calls made again after a failure (429, 5xx, timeouts), apart
+    # from the repeats the run asked for.
+    retries = models.PositiveIntegerField(default=0)
     repeat_passes = models.PositiveIntegerField(default=0)
     repeat_results = models.JSONField(
         default=list,

@@ -26,7 +26,7 @@ MESSAGE_CHARS = 500
 RESULT_FIELDS = [
     "id", "position", "case_id", "case_name", "status", "variables", "prompt", "output",
     "assertion_results", "score", "latency_ms", "tokens_in", "tokens_out", "cost", "attempts",
-    "repeat_passes", "repeat_results", "cached", "error", "started_at", "finished_at",
+    "retries", "repeat_passes", "repeat_results", "cached", "error", "started_at", "finished_at",
 ]  # fmt: skip
 
 

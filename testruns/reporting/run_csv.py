@@ -20,6 +20,7 @@ CSV_COLUMNS = [
     "tokens_out",
     "cost",
     "attempts",
+    "retries",
     "cached",
     "assertions",
     "error",
@@ -30,7 +31,7 @@ FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 # The result's fields behind CSV_COLUMNS, in their order.
 SOURCE_FIELDS = (
     "position", "case_name", "status", "score", "latency_ms", "tokens_in", "tokens_out", "cost",
-    "attempts", "cached", "assertion_results", "error", "output", "variables",
+    "attempts", "retries", "cached", "assertion_results", "error", "output", "variables",
 )  # fmt: skip
 
 
@@ -60,7 +61,7 @@ def csv_rows(run: TestRun) -> Iterator[str]:
     rows = run.results.order_by("position").values_list(*SOURCE_FIELDS)
     for (
         position, name, status, score, latency_ms, tokens_in, tokens_out, cost, attempts,
-        cached, assertion_results, error, output, variables,
+        retries, cached, assertion_results, error, output, variables,
     ) in rows.iterator(chunk_size=500):  # fmt: skip
         yield writer.writerow(
             [
@@ -76,6 +77,7 @@ def csv_rows(run: TestRun) -> Iterator[str]:
                     tokens_out,
                     cost,
                     attempts,
+                    retries,
                     cached,
                     assertion_summary(assertion_results),
                     error,

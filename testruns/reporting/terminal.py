@@ -91,9 +91,15 @@ def progress_text(run: TestRun, position: int | None) -> str:
     """ "#3 in queue" while waiting, a bar with counts once running or done."""
     if run.status == TestRun.Status.QUEUED:
         return f"run #{run.pk}: #{position or '?'} in queue"
-    filled = BAR_WIDTH * run.done_count // run.total_cases if run.total_cases else BAR_WIDTH
+    filled = BAR_WIDTH * run.progress_percent // 100
     bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+    # With repeats the bar moves with each model call; the counts stay in cases.
+    calls = (
+        f" ({min(run.calls_done, run.calls_total)}/{run.calls_total} calls)"
+        if run.calls_total > run.total_cases
+        else ""
+    )
     return (
-        f"run #{run.pk} [{bar}] {run.done_count}/{run.total_cases} done, "
+        f"run #{run.pk} [{bar}] {run.done_count}/{run.total_cases} done{calls}, "
         f"{run.passed_count} passed, {run.failed_count} failed, {run.error_count} error"
     )

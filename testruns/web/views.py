@@ -3,6 +3,8 @@ looked up through `get_run_for_user`, so a run the user may not see is a 404."""
 
 from __future__ import annotations
 
+import json
+
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import Paginator
@@ -14,17 +16,16 @@ from django.http import (
     StreamingHttpResponse,
 )
 from django.shortcuts import redirect, render
-from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from testruns.catalog import cards
+from testruns.catalog.prompts import render_prompt
 from testruns.engine import launching
 from testruns.live import snapshots
 from testruns.models import PromptCard, TestRun
 from testruns.reporting import run_csv
 from testruns.reporting.access import can_cancel, get_run_for_user, runs_visible_to
 from testruns.reporting.baselines import baseline_for, changes_since
-from testruns.reporting.comparison import fill_cells, paginate, side_by_side
 from testruns.reporting.formats import junit_xml, run_json_text
 from testruns.reporting.history import card_trends, filter_runs, run_statistics
 from testruns.web.downloads import download
@@ -38,10 +39,9 @@ from testruns.web.forms import (
 
 HISTORY_PAGE_SIZE = 25
 REPORT_PAGE_SIZE = 50
-# What the report's case table does not show of a result, left unread.
-REPORT_UNUSED_FIELDS = ("prompt", "variables", "assertions")
-COMPARE_PAGE_SIZE = 50
-MAX_COMPARED_RUNS = 8
+# What the report's case table and its case detail do not show of a result, left unread
+# (the assertions as written; their outcomes are what the page shows).
+REPORT_UNUSED_FIELDS = ("assertions",)
 TREND_CHARTS = 6
 
 
@@ -149,6 +149,21 @@ def run_results(request, pk) -> HttpResponse:
     )
 
 
+@require_GET
+def result_detail(request, pk, position) -> HttpResponse:
+    """One case's detail as an HTML fragment (the report's, escaped like it), for the live
+    page to show when a row is expanded."""
+    run = _run_or_404(request, pk)
+    result = run.results.filter(position=position).defer(*REPORT_UNUSED_FIELDS).first()
+    if result is None:
+        raise Http404("No such case in this run.")
+    return render(
+        request,
+        "testruns/_case_detail.html",
+        {"run": run, "result": result, "detail": case_detail(run, result), "open": True},
+    )
+
+
 @require_POST
 def run_cancel(request, pk) -> HttpResponse:
     run = _run_or_404(request, pk)
@@ -207,11 +222,16 @@ def history(request) -> HttpResponse:
     )
 
 
-def trend_chart(points: list[dict], width: int = 560, height: int = 150) -> dict:
+# The x axis labels at most this many runs' finish times (first and last always).
+X_TICKS = 4
+
+
+def trend_chart(points: list[dict], width: int = 560, height: int = 170) -> dict:
     """SVG geometry for pass rate (left axis, 0-100 %) and p95 latency (right axis) per run,
-    oldest to newest, drawn by the template from data the page already has."""
-    pad_x, pad_y = 40, 12
-    inner_w, inner_h = width - 2 * pad_x, height - 2 * pad_y
+    oldest to newest, with the runs' finish times along the x axis and a hover band per run
+    whose tooltip says everything about it; drawn by the template from data the page has."""
+    pad_x, pad_y, pad_bottom = 40, 12, 32
+    inner_w, inner_h = width - 2 * pad_x, height - pad_y - pad_bottom
     top_latency = max((p["p95"] or 0 for p in points), default=0) or 1
     step = inner_w / max(1, len(points) - 1)
     dots = []
@@ -231,13 +251,22 @@ def trend_chart(points: list[dict], width: int = 560, height: int = 150) -> dict
                 "latency_y": latency_y and round(latency_y, 1),
             }
         )
+    every = max(1, round((len(dots) - 1) / (X_TICKS - 1))) if len(dots) > 1 else 1
+    ticks = [d for i, d in enumerate(dots) if i % every == 0 or i == len(dots) - 1]
+    band = step if len(points) > 1 else inner_w
+    for dot in dots:
+        dot["band_x"] = round(dot["x"] - band / 2, 1)
     return {
         "width": width,
         "height": height,
         "pad_x": pad_x,
         "pad_y": pad_y,
         "right": width - pad_x,
-        "bottom": height - pad_y,
+        "bottom": height - pad_bottom,
+        "label_y": height - pad_bottom + 16,
+        "inner_h": inner_h,
+        "band": round(band, 1),
+        "ticks": ticks,
         "top_latency": round(top_latency),
         "rate_line": " ".join(f"{d['x']},{d['rate_y']}" for d in dots if d["rate_y"] is not None),
         "latency_line": " ".join(
@@ -265,7 +294,7 @@ def report(request, pk) -> HttpResponse:
     positions = [result.position for result in page]
     changes = changes_since(baseline, run, positions=positions) if baseline else None
     marks = changes["marks"] if changes else {}
-    rows = [(result, marks.get(result.position)) for result in page]
+    rows = [(result, marks.get(result.position), case_detail(run, result)) for result in page]
     return render(
         request,
         "testruns/report.html",
@@ -282,6 +311,21 @@ def report(request, pk) -> HttpResponse:
             "can_pin": request.user.has_perm("testruns.change_promptcard"),
         },
     )
+
+
+def case_detail(run: TestRun, result) -> dict:
+    """What a case's detail shows beyond its row: the system prompt rendered with the case's
+    variables (the result keeps the rendered prompt only), the variables as JSON, and its
+    calls to the model apart from the retries they took."""
+    try:
+        system = render_prompt(run.version.system_prompt, result.variables or {})
+    except Exception as exc:  # a template error is the case's, shown where it belongs
+        system = f"(the system prompt could not be rendered: {exc})"
+    return {
+        "system_prompt": system,
+        "variables": json.dumps(result.variables, indent=2, ensure_ascii=False),
+        "calls": max(0, result.attempts - result.retries),
+    }
 
 
 @require_POST
@@ -327,51 +371,3 @@ def report_junit(request, pk) -> HttpResponse:
     response = HttpResponse(junit_xml(run), content_type="application/xml")
     response["Content-Disposition"] = f'attachment; filename="{_download_name(run, "xml")}"'
     return response
-
-
-# --- Side by side --------------------------------------------------------------------------
-
-
-@require_GET
-def compare(request) -> HttpResponse:
-    """Any two or more runs side by side: GET ?runs=1,2,3[&diff=1]."""
-    parts = request.GET.get("runs", "").replace(" ", "").split(",")
-    ids = list(dict.fromkeys(int(p) for p in parts if p.isascii() and p.isdigit() and len(p) < 19))
-    # One query for them all; the first MAX_COMPARED_RUNS the user may see, in the URL's order.
-    found = runs_visible_to(request.user).in_bulk(ids)
-    runs = [found[pk] for pk in ids if pk in found][:MAX_COMPARED_RUNS]
-    return _compare_page(request, runs, group=None)
-
-
-@require_GET
-def comparison(request, group) -> HttpResponse:
-    runs = list(
-        runs_visible_to(request.user)
-        .filter(comparison_group=group)
-        .order_by("provider__name", "pk")
-    )
-    if not runs:
-        raise Http404("No such comparison.")
-    return _compare_page(request, runs, group=group)
-
-
-def _compare_page(request, runs: list[TestRun], *, group):
-    differences_only = request.GET.get("diff") == "1"
-    rows = side_by_side(runs, differences_only=differences_only)
-    page = paginate(rows, request.GET.get("page"), COMPARE_PAGE_SIZE)
-    fill_cells(runs, list(page))
-    query = request.GET.copy()
-    query.pop("page", None)
-    return render(
-        request,
-        "testruns/compare.html",
-        {
-            "runs": runs,
-            "page": page,
-            "differences_only": differences_only,
-            "group": group,
-            "query": query.urlencode(),
-            "run_ids": ",".join(str(run.pk) for run in runs),
-            "self_url": reverse("comparison", args=[group]) if group else reverse("compare"),
-        },
-    )

@@ -261,7 +261,9 @@ class ProgressSerializer(serializers.Serializer):
     failed_count = serializers.IntegerField()
     error_count = serializers.IntegerField()
     skipped_count = serializers.IntegerField()
-    percent_done = serializers.FloatField()
+    calls_done = serializers.IntegerField(help_text="Model calls made (each repeat is one).")
+    calls_total = serializers.IntegerField(help_text="Model calls in all: cases x repeats.")
+    percent_done = serializers.FloatField(help_text="Of the model calls.")
     waited_seconds = serializers.FloatField(allow_null=True)
     running_seconds = serializers.FloatField(allow_null=True)
     tokens_in = serializers.IntegerField()
@@ -289,6 +291,7 @@ class ResultSerializer(serializers.ModelSerializer):
             "tokens_out",
             "cost",
             "attempts",
+            "retries",
             "repeat_passes",
             "repeat_results",
             "cached",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -89,6 +90,17 @@ def _weight_problems(weight: object) -> list[str]:
     return [f"weight must be a positive number, got {show_typed(weight)}"]
 
 
+def _unknown_type(name: str) -> str:
+    """Name the type that was most likely meant: a list of all of them buries the one typo."""
+    unknown = f"unknown type {show(name, 40)}"
+    if name.startswith("not-") and name.removeprefix("not-") in _TYPES:
+        return f"{unknown}; {name.removeprefix('not-')} has no not- variant"
+    near = difflib.get_close_matches(name.strip().lower(), sorted(ASSERTION_TYPES), n=1)
+    if near:
+        return f"{unknown}; did you mean {show(near[0])}?"
+    return f"{unknown}; expected one of: " + ", ".join(sorted(ASSERTION_TYPES))
+
+
 def _spec_problems(spec: object) -> list[str]:
     if not isinstance(spec, dict):
         return [f"must be an object, got {json_type(spec)}"]
@@ -98,9 +110,7 @@ def _spec_problems(spec: object) -> list[str]:
     if not isinstance(name, str):
         return [f'"type" must be a string, got {json_type(name)}']
     if name not in ASSERTION_TYPES:
-        return [
-            f"unknown type {show(name, 40)}; expected one of: " + ", ".join(sorted(ASSERTION_TYPES))
-        ]
+        return [_unknown_type(name)]
     validate = _TYPES[name.removeprefix("not-")][1]
     return (
         [f"unknown key {show(str(key), 40)}" for key in spec if key not in _KEYS]
