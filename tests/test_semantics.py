@@ -103,7 +103,7 @@ def test_every_repeat_is_kept_and_the_output_shown_is_a_failing_one(
     summary = re.sub(r"<[^>]+>|\s+", " ", html)
     assert re.search(r"repeat\s+1 ✓\s+2 ✗\s+3 ✓", summary), summary
     assert "no name &lt;b&gt;here&lt;/b&gt;" in html and "<b>here</b>" not in html
-    assert html.count("N0 again") == 1  # each repeat's output can be opened
+    assert html.count("N0 again") == 1  # each repeat's output is in the case's detail, once
 
 
 def test_a_single_repeat_keeps_no_separate_evidence(fake_llm, provider, make_card):
