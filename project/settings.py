@@ -258,10 +258,34 @@ WORKER_MAX_CPU_PERCENT = env_float("WORKER_MAX_CPU_PERCENT", 0)
 WORKER_MIN_FREE_MEMORY_MB = env_float("WORKER_MIN_FREE_MEMORY_MB", 0)
 # How long the API remembers an Idempotency-Key (in Redis).
 IDEMPOTENCY_TTL_SECONDS = env_int("IDEMPOTENCY_TTL_SECONDS", 24 * 3600)
-# /metrics: histograms and error counts cover the runs and cases of this recent window; when
-# METRICS_TOKEN is set, scrapers must send "Authorization: Bearer <token>".
-METRICS_WINDOW_SECONDS = env_int("METRICS_WINDOW_SECONDS", 3600)
+# /metrics: when METRICS_TOKEN is set, scrapers must send "Authorization: Bearer <token>".
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+# Every worker process looks for due schedules this often (PostgreSQL decides which launches).
+SCHEDULE_INTERVAL_SECONDS = env_float("SCHEDULE_INTERVAL_SECONDS", 1.0)
+# Notifications: attempts per delivery, the backoff before the second (doubling after each
+# failure, capped) and how long one attempt may take.
+NOTIFY_MAX_ATTEMPTS = env_int("NOTIFY_MAX_ATTEMPTS", 6)
+NOTIFY_RETRY_BASE_SECONDS = env_float("NOTIFY_RETRY_BASE_SECONDS", 10.0)
+NOTIFY_RETRY_MAX_SECONDS = env_float("NOTIFY_RETRY_MAX_SECONDS", 600.0)
+NOTIFY_TIMEOUT_SECONDS = env_float("NOTIFY_TIMEOUT_SECONDS", 10.0)
+
+# --- E-mail (notifications) -----------------------------------------------------------------
+
+# With EMAIL_HOST set, mail goes out through that SMTP server; without it, to the console
+# (the worker's log), so nothing leaves a developer machine.
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "")
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND") or (
+    "django.core.mail.backends.smtp.EmailBackend"
+    if EMAIL_HOST
+    else "django.core.mail.backends.console.EmailBackend"
+)
+EMAIL_PORT = env_int("EMAIL_PORT", 25)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 10)
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "prompt-card-runner@localhost")
 
 # --- API ------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Dramatiq actors: thin adapters that take ids and call services.
+"""Dramatiq actors: thin adapters that take ids and call services: running a case, and
+delivering a notification.
 
 Dramatiq's defaults (10-minute time limit, 20 retries with backoff up to days) suit neither
 a test case nor a user waiting for a report. A case's own retries happen inside (with
@@ -20,6 +21,7 @@ import dramatiq
 
 from testruns.engine import execution
 from testruns.engine.worker_identity import holder_id, host_pressure, may_keep_cases
+from testruns.notify import delivering
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +44,10 @@ def execute_case(result_id: int) -> None:
         execute_case.send_with_options(args=(result_id,), delay=BUSY_HOST_DELAY_MS)
         return
     execution.run_admitted_case(result_id, holder_id(), keep_going=may_keep_cases)
+
+
+# A notice's own retries (a receiver's 500, a timeout) are the delivery's, with its backoff
+# and log (notify.delivering); a message is retried only when the database was away.
+@dramatiq.actor(queue_name="notifications", max_retries=3, min_backoff=1_000, max_backoff=10_000)
+def deliver_notification(delivery_id: int) -> None:
+    delivering.deliver(delivery_id)

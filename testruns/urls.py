@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from testruns.web import comparing, reference, versions, views
+from testruns.web import comparing, reference, schedules, versions, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -24,6 +24,10 @@ urlpatterns = [
     path("runs/<int:pk>/report.json", views.report_json, name="report-json"),
     path("runs/<int:pk>/junit.xml", views.report_junit, name="report-junit"),
     path("compare/", comparing.compare, name="compare"),
+    path("schedules/", schedules.schedule_list, name="schedules"),
+    path("schedules/new/", schedules.schedule_edit, name="schedule-new"),
+    path("schedules/<int:pk>/", schedules.schedule_edit, name="schedule-edit"),
+    path("schedules/<int:pk>/pause/", schedules.schedule_pause, name="schedule-pause"),
     path("comparisons/<uuid:group>/", comparing.comparison, name="comparison"),
     path("reference/assertions/", reference.assertion_reference, name="assertion-reference"),
     path("cards/<int:card_pk>/versions/<int:number>/", versions.version, name="version"),

@@ -1,4 +1,5 @@
-r"""A fake LLM vendor over real HTTP on 127.0.0.1: OpenAI chat completions and Anthropic messages.
+r"""A fake LLM vendor over real HTTP on 127.0.0.1: OpenAI chat completions and Anthropic messages,
+and OpenAI embeddings (a hashed bag of words: texts sharing words are close).
 
 The only thing the test suite fakes is the vendor, so it answers over a real socket and the
 real SDKs talk to it. Tests script it at run time:
@@ -194,6 +195,12 @@ def _make_handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
             if self.path == "/_control":
                 self._control(body or {})
                 return
+            if self.path == "/v1/embeddings":
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                with server._lock:
+                    server._requests.append(RecordedRequest(self.path, headers, body))
+                self._json(200, _embeddings_reply(body))
+                return
             if self.path not in ("/v1/chat/completions", "/v1/messages"):
                 self._json(404, {"error": {"message": f"no route {self.path}"}})
                 return
@@ -384,6 +391,35 @@ def _openai_reply(body: dict[str, Any], text: str) -> dict[str, Any]:
         "model": body.get("model", "fake-model"),
         "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
         "usage": {**usage, "total_tokens": sum(usage.values())},
+    }
+
+
+EMBEDDING_DIMENSIONS = 64
+
+
+def bag_of_words_vector(text: str) -> list[float]:
+    """A deterministic embedding: a count per hashed lower-cased word, normalised, so texts
+    sharing words are close and texts sharing none are orthogonal."""
+    vector = [0.0] * EMBEDDING_DIMENSIONS
+    for word in "".join(c if c.isalnum() else " " for c in text.lower()).split():
+        vector[zlib.crc32(word.encode()) % EMBEDDING_DIMENSIONS] += 1.0
+    norm = sum(x * x for x in vector) ** 0.5 or 1.0
+    return [x / norm for x in vector]
+
+
+def _embeddings_reply(body: Any) -> dict[str, Any]:
+    texts = body.get("input", []) if isinstance(body, dict) else []
+    texts = [texts] if isinstance(texts, str) else texts
+    data = [
+        {"object": "embedding", "index": i, "embedding": bag_of_words_vector(str(text))}
+        for i, text in enumerate(texts)
+    ]
+    tokens = sum(len(str(text).split()) for text in texts)
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.get("model", "fake-embedding") if isinstance(body, dict) else "",
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
 
 

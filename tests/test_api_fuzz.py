@@ -28,8 +28,8 @@ from rest_framework.authtoken.models import Token
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from testruns.engine import admission, gate, launching, limits
-from testruns.models import PromptCard, Provider, TestCase, TestRun
+from testruns.engine import admission, gate, launching, limits, scheduling
+from testruns.models import PromptCard, Provider, Schedule, TestCase, TestRun
 
 pytestmark = pytest.mark.django_db
 
@@ -89,6 +89,8 @@ def api_schema(request, django_user_model, make_card, simulator):
     runs = [launching.launch_run(card=cards[0], provider=simulator, user=admin) for _ in range(3)]
     admission.admit_runs()  # one running, two waiting
     launching.cancel_run(runs[2])
+    schedule = Schedule(name="fuzz", card=cards[0], cron="@daily", owner=admin)
+    scheduling.save_schedule(schedule, providers=[simulator])
     card_ids = [card.pk for card in cards]
     provider_ids = [simulator.pk, spare.pk]
     client = Client()
@@ -101,6 +103,7 @@ def api_schema(request, django_user_model, make_card, simulator):
             "runs": [run.pk for run in TestRun.objects.all()],
             "cases": list(TestCase.objects.values_list("pk", flat=True)),
             "versions": list(PromptCard.objects.values_list("versions__pk", flat=True)),
+            "schedules": [schedule.pk],
         },
         ids_by_field={
             ("LaunchRequest", "card"): card_ids,
@@ -108,6 +111,10 @@ def api_schema(request, django_user_model, make_card, simulator):
             ("BatchLaunchRequest", "cards"): card_ids,
             ("BatchLaunchRequest", "providers"): provider_ids,
             ("TestCaseRequest", "card"): card_ids,
+            ("ScheduleRequest", "card"): card_ids,
+            ("ScheduleRequest", "providers"): provider_ids,
+            ("PatchedScheduleRequest", "card"): card_ids,
+            ("PatchedScheduleRequest", "providers"): provider_ids,
         },
     )
     schema = schemathesis.openapi.from_dict(raw)

@@ -238,6 +238,12 @@ NEGATION_CASES = [
     ({"type": "starts-with", "value": "As an AI"}, "As an AI, I cannot."),
     ({"type": "regex", "value": r"\bI cannot\b"}, "As an AI, I cannot."),
     ({"type": "is-json"}, "[1, 2, 3]"),
+    ({"type": "icontains-any", "value": ["SORRY", "apolog"]}, "We apologise."),
+    ({"type": "icontains-all", "value": ["ORDER", "shipped"]}, "Your order has shipped."),
+    ({"type": "contains-json"}, 'Here: {"status": "ok"} as asked.'),
+    ({"type": "javascript", "value": "output.includes('cannot')"}, "As an AI, I cannot."),
+    ({"type": "rouge-n", "value": "your order has shipped"}, "Your order has shipped"),
+    ({"type": "bleu", "value": "your order has shipped today"}, "Your order has shipped today"),
 ]
 
 
@@ -251,15 +257,16 @@ def test_not_prefix_inverts_the_base_result(spec, matching_output):
     assert check_assertion(spec, output=matching_output).passed
     assert not on_match.passed and on_match.score == 0.0
     assert on_match.reason.startswith("expected the opposite: ")
-    assert on_other.passed and on_other.score == 1.0
+    assert on_other.passed and on_other.score == pytest.approx(1.0)  # BLEU smooths zeros
     assert on_match.type == negated["type"]
 
 
 def test_not_variants_exist_for_exactly_the_deterministic_text_types():
     negatable = {spec["type"] for spec, _ in NEGATION_CASES}
 
+    # similar too (it needs embeddings: tests/test_promptfoo_assertions.py inverts it).
     assert {name for name in ASSERTION_TYPES if name.startswith("not-")} == {
-        "not-" + name for name in negatable
+        "not-" + name for name in negatable | {"similar"}
     }
     assert ASSERTION_TYPES >= {
         "json-schema",
@@ -603,7 +610,9 @@ def test_a_misspelt_type_gets_the_near_one_and_a_stranger_the_accepted_types():
     (far,) = assertion_errors([{"type": "zzqqxx", "value": "x"}])
 
     assert near == 'assertion 1: unknown type "containz"; did you mean "contains"?'
-    assert far.startswith('assertion 1: unknown type "zzqqxx"; expected one of: contains, ')
+    assert far.startswith(
+        'assertion 1: unknown type "zzqqxx"; expected one of: answer-relevance, bleu, contains, '
+    )
     assert all(name in far for name in ASSERTION_TYPES)
 
 
@@ -684,6 +693,19 @@ values_by_type = {
     ),
     "latency": st.integers(-5, 5000) | st.floats(),
     "cost": st.integers(-1, 5) | st.floats(),
+    "icontains-any": st.lists(st.text(), max_size=3),
+    "icontains-all": st.lists(st.text(), max_size=3),
+    "contains-json": st.none() | schemas,
+    "is-valid-openai-tools-call": json_values,
+    "javascript": st.text(max_size=12)
+    | st.sampled_from(["output.length", "true", "({pass: true})", "JSON.parse(output)", "x("]),
+    "rouge-n": st.text(),
+    "bleu": st.text() | st.lists(st.text(), max_size=2),
+    "similar": st.text(),
+    "factuality": st.text(),
+    "model-graded-closedqa": st.text(),
+    "g-eval": st.text(),
+    "answer-relevance": json_values,
 }
 
 

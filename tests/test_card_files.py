@@ -55,9 +55,11 @@ def test_promptfoo_suite_becomes_one_card_per_prompt_with_every_test(user):
     report = import_cards(SUITE.read_bytes(), filename=SUITE.name, user=user)
 
     assert (report.cards_created, report.cases_created, report.versions_created) == (2, 6, 2)
-    formal = PromptCard.objects.get(slug="support-reply-formal")
-    casual = PromptCard.objects.get(slug="support-reply-casual")
-    assert formal.name == "Support reply (formal)"
+    # Named after the config's description and each prompt's label: two configs with the
+    # same labels do not collide.
+    formal = PromptCard.objects.get(slug="customer-support-replies-support-reply-formal")
+    casual = PromptCard.objects.get(slug="customer-support-replies-support-reply-casual")
+    assert formal.name == "Customer support replies: Support reply (formal)"
     assert formal.description == "Customer support replies"
     assert formal.owner == user
     assert formal.template.startswith("You are the support desk for {{ product }}.\n")
@@ -85,8 +87,11 @@ def test_promptfoo_suite_becomes_one_card_per_prompt_with_every_test(user):
         "value": "Is polite and gives a time frame",
         "weight": 2,
     }
-    # promptfoo's `metric` label has nothing to attach to here and is dropped.
-    assert status.assertions[1:] == [{"type": "is-json"}, {"type": "starts-with", "value": "{"}]
+    # `metric` is kept, and options.transform runs before each assertion.
+    assert status.assertions[1:] == [
+        {"type": "is-json", "metric": "format", "transform": ["output.trim()"]},
+        {"type": "starts-with", "value": "{", "transform": ["output.trim()"]},
+    ]
     assert [case.order for case in formal.cases.all()] == [0, 1, 2]
 
 
@@ -157,7 +162,7 @@ def test_changed_prompt_creates_exactly_one_new_version(make_card, user):
     exported = export_cards([card], "yaml")
     changed = exported.replace("Say hello to {{ name }}.", "Greet {{ name }} warmly.")
 
-    report = import_text(changed, user=user)
+    report = import_text(changed, user=user, update=True)
 
     versions = list(card.versions.order_by("number"))
     assert [v.number for v in versions] == [1, 2]
@@ -180,7 +185,9 @@ tests:
   - {description: case 1, vars: {name: Changed}, assert: [{type: contains, value: Changed}]}
   - {description: brand new, vars: {name: New}, threshold: 0.5}
 """
-    report = import_text(text)
+    with pytest.raises(CardFileError, match="card greeting: 1 new cases"):
+        import_text(text)  # a stored card changes only when asked to
+    report = import_text(text, update=True)
 
     assert (report.cases_created, report.cases_updated) == (1, 1)
     cases = {case.name: case for case in card.cases.all()}
@@ -231,8 +238,15 @@ def test_csv_short_forms_follow_promptfoo():
         "type": "equals",
         "value": "Paris: the capital",
     }
-    with pytest.raises(ValueError, match="javascript assertions run code"):
-        assertion_from_short_form("javascript: output.length < 10")
+    assert assertion_from_short_form("javascript: output.length < 10") == {
+        "type": "javascript",
+        "value": "output.length < 10",
+    }
+    assert assertion_from_short_form("similar(0.8): hi") == {
+        "type": "similar",
+        "value": "hi",
+        "threshold": 0.8,
+    }
 
 
 @pytest.mark.django_db
@@ -343,11 +357,6 @@ def test_malformed_files_are_reported_with_line_and_column():
             "s.yaml: tests[0].threshold: must be a number",
         ),
         (
-            "prompts: ['{{ lang }}']\ntests: [{vars: {lang: [en, fr]}}]",
-            "s.yaml",
-            "s.yaml: tests[0].vars.lang: promptfoo runs a test once per item of a list",
-        ),
-        (
             "cards: [{name: A, slug: a, prompts: [x]}, {name: B, slug: a, prompts: [y]}]",
             "s.yaml",
             "s.yaml: cards[1].slug: 'a' is already the slug of cards[0]",
@@ -383,14 +392,15 @@ def test_csv_without_a_target_card_is_rejected():
 
 
 @pytest.mark.django_db
-def test_javascript_assertion_in_csv_is_rejected_naming_row_and_column(make_card):
+def test_python_assertion_in_csv_is_listed_as_not_imported_naming_row_and_column(make_card):
     card = make_card(slug="greeting", cases=0)
-    text = "name,__expected1,__expected2\nAda,contains: Ada,javascript: output.length < 9\n"
+    text = "name,__expected1,__expected2\nAda,javascript: output.length < 9,python: len(output)\n"
 
-    message = import_error(text, filename="cases.csv", card=card)
+    report = import_cards(text, filename="cases.csv", card=card)
 
-    assert message == (
-        "cases.csv: row 2, __expected2: javascript assertions run code and are not supported here"
+    assert card.cases.get().assertions == [{"type": "javascript", "value": "output.length < 9"}]
+    assert report.not_imported[0].startswith(
+        "cases.csv: row 2, __expected2: python: python assertions run Python code on the server"
     )
 
 
@@ -407,9 +417,8 @@ def test_javascript_assertion_in_csv_is_rejected_naming_row_and_column(make_card
 def test_file_references_are_rejected_naming_the_path(text, where):
     message = import_error(text)
 
-    assert f"suite.yaml: {where}file:// references are not supported in an upload; paste" in (
-        message
-    )
+    assert f"suite.yaml: {where}file://" in message
+    assert "a single uploaded file has none beside it: import the project's folder" in message
     assert counts() == (0, 0, 0)
 
 
@@ -472,7 +481,6 @@ def test_csv_header_problems_are_reported_on_row_1(make_card):
     assert message.splitlines() == [
         "c.csv: row 1: column 2 repeats name",
         "c.csv: row 1: column 3 has no name",
-        "c.csv: row 1: column __prefix is not supported",
     ]
 
 

@@ -109,7 +109,9 @@ def test_did_you_mean_names_the_near_type(name, message):
 
 def test_a_type_like_no_other_still_lists_the_types():
     (error,) = assertion_errors([{"type": "sentiment", "value": "x"}])
-    assert error.startswith('assertion 1: unknown type "sentiment"; expected one of: contains,')
+    assert error.startswith(
+        'assertion 1: unknown type "sentiment"; expected one of: answer-relevance, bleu, contains,'
+    )
 
 
 # --- Order ----------------------------------------------------------------------------------

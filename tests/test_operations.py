@@ -15,7 +15,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from project.embedded import free_port
-from testruns.engine import admission, gate, launching, limits
+from testruns.engine import admission, counters, gate, launching, limits, settling
 from testruns.models import TestRun, WorkerHeartbeat
 from testruns.ops import host_load
 from testruns.ops.log_context import JSONFormatter, PlainFormatter, RunContextFilter, log_context
@@ -66,7 +66,7 @@ def history(make_card, simulator):
         waited=2,
         ran=5,
         results=[
-            {"status": "passed", "latency_ms": 50, "attempts": 3},
+            {"status": "passed", "latency_ms": 50, "attempts": 3, "retries": 2},
             {"status": "passed", "latency_ms": 150, "attempts": 1, "cached": True},
             {"status": "passed", "latency_ms": 1500, "attempts": 1},
         ],
@@ -77,7 +77,7 @@ def history(make_card, simulator):
         waited=10,
         ran=5,
         results=[
-            {"status": "error", "error": "HTTP 429 rate limited", "attempts": 3},
+            {"status": "error", "error": "HTTP 429 rate limited", "attempts": 3, "retries": 2},
             {"status": "passed", "latency_ms": 100},
             {"status": "passed", "latency_ms": 100},
         ],
@@ -219,29 +219,92 @@ def scrape(client, **headers) -> dict:
 
 
 @db
-def test_metrics_are_computed_from_the_database_without_login(client, history, simulator):
+def test_metrics_are_counters_and_histograms_from_the_database_without_login(
+    client, history, simulator
+):
     fresh_heartbeat("w:1")
+    assert settling.settle_finished_runs() == 3  # what every worker's sweep does
+    counters.count_started_runs()
     samples = scrape(client)
     provider = (("provider", simulator.name),)
+    # Gauges: levels only.
     assert samples[("pcr_runs_waiting", ())] == 2
     assert samples[("pcr_runs_running", ())] == 1
     assert samples[("pcr_semaphore_slots_in_use", (("semaphore", "runs"),))] == 1
     assert samples[("pcr_semaphore_slots_limit", (("semaphore", "runs"),))] == 1
     assert samples[("pcr_workers_live", ())] == 1
-    assert samples[("pcr_queue_wait_seconds_count", ())] == 4
-    assert samples[("pcr_queue_wait_seconds_bucket", (("le", "5.0"),))] == 2
-    assert samples[("pcr_queue_wait_seconds_bucket", (("le", "10.0"),))] == 3
-    assert samples[("pcr_queue_wait_seconds_bucket", (("le", "+Inf"),))] == 4
+    # Counters of finished runs.
+    for status, count in (("succeeded", 1), ("failed", 1), ("error", 1), ("cancelled", 0)):
+        assert samples[("pcr_runs_total", (("status", status),))] == count
+    assert samples[("pcr_cases_total", (*provider, ("status", "passed")))] == 6
+    assert samples[("pcr_cases_total", (*provider, ("status", "error")))] == 2
+    assert samples[("pcr_cases_total", (*provider, ("status", "failed")))] == 1
+    errors = "pcr_provider_errors_total"
+    assert samples[(errors, (("kind", "rate_limited"), *provider))] == 1
+    assert samples[(errors, (("kind", "timeout"), *provider))] == 1
+    assert samples[("pcr_case_retries_total", provider)] == 4
+    assert samples[("pcr_cache_hits_total", provider)] == 1
+    assert samples[("pcr_notifications_sent_total", (("channel", "webhook"),))] == 0
+    # Cumulative histograms: case latency (finished runs), queue wait (started runs).
     latency = "pcr_case_latency_seconds_bucket"
     assert samples[(latency, (("le", "0.1"), *provider))] == 4
     assert samples[(latency, (("le", "0.25"), *provider))] == 5
     assert samples[(latency, (("le", "+Inf"), *provider))] == 6
     assert samples[("pcr_case_latency_seconds_sum", provider)] == pytest.approx(2.0)
-    assert samples[("pcr_provider_errors", (("kind", "rate_limited"), *provider))] == 1
-    assert samples[("pcr_provider_errors", (("kind", "timeout"), *provider))] == 1
-    assert samples[("pcr_case_retries", provider)] == 4
-    assert samples[("pcr_cache_hits", provider)] == 1
-    assert samples[("pcr_cases_finished", (*provider, ("status", "passed")))] == 6
+    assert samples[("pcr_queue_wait_seconds_count", ())] == 4
+    assert samples[("pcr_queue_wait_seconds_bucket", (("le", "5.0"),))] == 2
+    assert samples[("pcr_queue_wait_seconds_bucket", (("le", "10.0"),))] == 3
+    assert samples[("pcr_queue_wait_seconds_bucket", (("le", "+Inf"),))] == 4
+
+    # Counting again counts nothing twice, and deleting runs takes nothing back.
+    assert settling.settle_finished_runs() == 0
+    counters.count_started_runs()
+    TestRun.objects.filter(status__in=TestRun.FINISHED).delete()
+    assert scrape(client) == samples | {("pcr_runs_waiting", ()): 2}
+
+
+MONOTONIC = ("_total", "_bucket", "_count", "_sum")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_counters_only_grow_across_scrapes_while_two_worker_processes_finish_runs(
+    client, worker_factory, make_card, simulator
+):
+    simulator.parameters = {"latency_ms": 400, "jitter_ms": 0, "error_rate": 0}
+    simulator.save()
+    worker_factory(processes=2, threads=2)
+    cards = [make_card(f"card-{i}", cases=3) for i in range(2)]
+    runs = [launching.launch_run(card=cards[i % 2], provider=simulator) for i in range(8)]
+    scrapes = [scrape(client)]
+
+    def all_counted() -> bool:
+        scrapes.append(scrape(client))
+        return scrapes[-1].get(("pcr_queue_wait_seconds_count", ())) == len(runs) and sum(
+            value for (name, _), value in scrapes[-1].items() if name == "pcr_runs_total"
+        ) == len(runs)
+
+    wait_for(all_counted, timeout=90, interval=0.2, what="every run to be counted")
+    finished = [
+        sum(value for (name, _), value in sample.items() if name == "pcr_runs_total")
+        for sample in scrapes
+    ]
+    assert any(0 < count < len(runs) for count in finished), finished  # scraped meanwhile
+    for earlier, later in zip(scrapes, scrapes[1:], strict=False):
+        for key, value in earlier.items():
+            if key[0].endswith(MONOTONIC):
+                assert later.get(key, 0) >= value, key
+    final = scrapes[-1]
+    provider = (("provider", simulator.name),)
+    assert final[("pcr_runs_total", (("status", "succeeded"),))] == 8
+    assert final[("pcr_cases_total", (*provider, ("status", "passed")))] == 24
+    assert final[("pcr_case_latency_seconds_count", provider)] == 24
+    assert TestRun.objects.filter(settled_at=None).count() == 0
+
+    TestRun.objects.filter(pk__in=[run.pk for run in runs]).delete()
+    after = scrape(client)
+    assert {k: v for k, v in after.items() if k[0].endswith(MONOTONIC)} == {
+        k: v for k, v in final.items() if k[0].endswith(MONOTONIC)
+    }
 
 
 @db

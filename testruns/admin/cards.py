@@ -163,11 +163,29 @@ class PromptCardForm(forms.ModelForm):
 
 
 class ImportForm(forms.Form):
-    file = forms.FileField(help_text="YAML, JSON (ours or promptfoo's) or CSV of test cases.")
+    file = forms.FileField(
+        help_text="YAML, JSON (ours or promptfoo's), CSV of test cases, or a .zip of a promptfoo "
+        "project (its promptfooconfig.yaml and the files it names with file://)."
+    )
     card = forms.ModelChoiceField(
         queryset=PromptCard.objects.all(),
         required=False,
         help_text="For CSV files: the card the cases belong to.",
+    )
+    update = forms.BooleanField(
+        required=False,
+        help_text="Apply changes to cards that exist already. Without it, an import that would "
+        "change them lists the changes and saves nothing.",
+    )
+    strict = forms.BooleanField(
+        required=False,
+        help_text="Refuse the import if any key, assertion or provider would be left out.",
+    )
+    create_providers = forms.BooleanField(
+        required=False,
+        label="Create missing providers",
+        help_text="Create the promptfoo providers that match none here, disabled, with the "
+        "name of their key's variable only.",
     )
 
 
@@ -200,7 +218,7 @@ class PromptCardAdmin(LaunchPermissionMixin, admin.ModelAdmin):
     ]
     raw_id_fields = ["baseline_run"]
     inlines = [TestCaseInline, PromptVersionInline]
-    actions = ["launch_runs", "duplicate_cards", "export_yaml", "export_json"]
+    actions = ["launch_runs", "duplicate_cards", "export_yaml", "export_json", "export_promptfoo"]
     change_list_template = "admin/testruns/promptcard/change_list.html"
     # change_form_template: Django finds admin/testruns/promptcard/change_form.html by name.
 
@@ -308,6 +326,18 @@ class PromptCardAdmin(LaunchPermissionMixin, admin.ModelAdmin):
     def export_json(self, request, queryset) -> HttpResponse:
         return self._export(queryset, "json", "application/json")
 
+    @admin.action(description="Export for promptfoo (zip)")
+    def export_promptfoo(self, request, queryset) -> HttpResponse:
+        """A zip of promptfooconfig.yaml (and prompts/) that `promptfoo eval` runs, with the
+        providers of the cards' latest runs."""
+        cards = list(queryset.order_by("slug").prefetch_related("cases"))
+        providers = card_files.default_providers(cards)
+        response = HttpResponse(
+            card_files.export_promptfoo_zip(cards, providers), content_type="application/zip"
+        )
+        response["Content-Disposition"] = 'attachment; filename="promptfoo.zip"'
+        return response
+
     def _export(self, queryset, fmt, content_type):
         cards = list(queryset.prefetch_related("cases"))
         name = slugify(cards[0].slug) if len(cards) == 1 else "prompt-cards"
@@ -334,14 +364,21 @@ class PromptCardAdmin(LaunchPermissionMixin, admin.ModelAdmin):
             try:
                 # The card matters only for a CSV of cases; YAML and JSON name their cards.
                 card = form.cleaned_data["card"] if upload.name.lower().endswith(".csv") else None
+                flags = {name: form.cleaned_data[name] for name in card_files.IMPORT_FLAGS}
                 report = card_files.import_cards(
-                    upload.read(), filename=upload.name, user=request.user, card=card
+                    upload.read(card_files.MAX_UPLOAD_BYTES + 1),
+                    filename=upload.name,
+                    user=request.user,
+                    card=card,
+                    **flags,
                 )
             except card_files.CardFileError as exc:
                 for error in exc.errors:
                     form.add_error("file", error)
             else:
                 self.message_user(request, report.summary(), messages.SUCCESS)
+                for line in report.details():
+                    self.message_user(request, line, messages.WARNING)
                 return redirect("admin:testruns_promptcard_changelist")
         return render(
             request,

@@ -41,6 +41,32 @@ TYPE_HELP: dict[str, tuple[str, str]] = {
     "latency": ("number-ms", "The call took at most this many milliseconds."),
     "cost": ("number-usd", "The call cost at most this many dollars."),
     "llm-rubric": ("rubric", "A grader model judges the output against this rubric."),
+    "icontains-any": ("list", "The output contains at least one of the strings, ignoring case."),
+    "icontains-all": ("list", "The output contains every one of the strings, ignoring case."),
+    "contains-json": (
+        "schema-optional",
+        "The output holds a JSON object somewhere; with a schema, one that matches it.",
+    ),
+    "is-valid-openai-tools-call": (
+        "json",
+        "The output (JSON) calls only these OpenAI tools, with arguments matching each one's "
+        "parameters.",
+    ),
+    "javascript": (
+        "rubric",
+        "JavaScript run in a sandbox with `output` and `context`: one line is an expression, "
+        "several a function body; true/false, a score, or {pass, score, reason}.",
+    ),
+    "rouge-n": ("text", "ROUGE-1 overlap with the reference reaches the threshold (0.75)."),
+    "bleu": ("text", "BLEU-4 against the reference (or several) reaches the threshold (0.5)."),
+    "similar": ("text", "Embeddings' cosine similarity to the text reaches the threshold (0.75)."),
+    "factuality": ("rubric", "A grader compares the output's facts with this expert answer."),
+    "answer-relevance": (
+        "json",
+        "A grader writes questions the output answers; they must be close to what was asked.",
+    ),
+    "g-eval": ("rubric", "A grader scores the output 0-10 on these criteria (passes at 0.7)."),
+    "model-graded-closedqa": ("rubric", "A grader answers Y or N: does the output meet this?"),
 }
 
 

@@ -14,6 +14,7 @@ from drf_spectacular.utils import (
 )
 from rest_framework import exceptions, serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -29,6 +30,16 @@ from testruns.api.serializers.shared import CardField
 from testruns.catalog import card_files, cards, lookup
 from testruns.engine import limits
 from testruns.models import PromptCard, PromptVersion, Provider, TestCase
+
+
+def _flag(data: object, name: str) -> bool:
+    """A boolean of a JSON body (true/false) or a form (true/false/1/0/on)."""
+    value = data.get(name, False) if hasattr(data, "get") else False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "on", "false", "0", "off", ""):
+        return value.lower() in ("true", "1", "on")
+    raise exceptions.ValidationError({name: ["Enter true or false."]})
 
 
 class RefetchAfterSaveMixin:
@@ -104,23 +115,46 @@ class CardViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
 
     @extend_schema(
         parameters=[
-            OpenApiParameter("file_format", OpenApiTypes.STR, enum=["yaml", "json"]),
+            OpenApiParameter("file_format", OpenApiTypes.STR, enum=["yaml", "json", "promptfoo"]),
             OpenApiParameter(
                 "slug", OpenApiTypes.STR, many=True, description="Only these cards (default: all)."
             ),
+            OpenApiParameter(
+                "provider",
+                OpenApiTypes.STR,
+                many=True,
+                description="promptfoo: the providers of the config, by name (default: those "
+                "of the cards' latest runs).",
+            ),
         ],
-        responses={(200, "text/plain"): OpenApiTypes.STR},
+        responses={
+            (200, "text/plain"): OpenApiTypes.STR,
+            (200, "application/zip"): OpenApiTypes.BINARY,
+        },
     )
     @action(detail=False, methods=["get"], url_path="export")
     def export(self, request: Request) -> HttpResponse:
-        """Cards with their test cases as YAML or JSON (the import_cards file format)."""
-        fmt = query_choice(request, "file_format", ["yaml", "json"]) or "yaml"
+        """Cards with their test cases as YAML or JSON (the import_cards file format), or as a
+        zip of a promptfoo project (`file_format=promptfoo`) that `promptfoo eval` runs."""
+        fmt = query_choice(request, "file_format", ["yaml", "json", "promptfoo"]) or "yaml"
         slugs = request.query_params.getlist("slug")
         if any(len(slug) > 200 or "\x00" in slug for slug in slugs):
             raise exceptions.ValidationError({"slug": ["Enter card slugs."]})
         cards = PromptCard.objects.prefetch_related("cases").order_by("slug")
         if slugs:
             cards = cards.filter(slug__in=slugs)
+        if fmt == "promptfoo":
+            cards = list(cards.select_related("grader_provider"))
+            names = request.query_params.getlist("provider")
+            providers = list(Provider.objects.filter(name__in=names)) if names else None
+            if names and len(providers) != len(set(names)):
+                raise exceptions.ValidationError({"provider": ["Name existing providers."]})
+            content = card_files.export_promptfoo_zip(
+                cards, providers or card_files.default_providers(cards)
+            )
+            response = HttpResponse(content, content_type="application/zip")
+            response["Content-Disposition"] = 'attachment; filename="promptfoo.zip"'
+            return response
         content_type = "application/json" if fmt == "json" else "application/yaml"
         return HttpResponse(card_files.export_cards(cards, fmt), content_type=content_type)
 
@@ -130,9 +164,25 @@ class CardViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
             {
                 "filename": serializers.CharField(
                     max_length=200,
-                    help_text=("Its extension decides the format: .yaml, .yml, .json or .csv."),
+                    required=False,
+                    help_text="Its extension decides the format: .yaml, .yml, .json or .csv.",
                 ),
-                "content": serializers.CharField(trim_whitespace=False),
+                "content": serializers.CharField(trim_whitespace=False, required=False),
+                "file": serializers.FileField(
+                    required=False,
+                    help_text="Instead of filename and content (multipart): the file, or a .zip "
+                    "of a promptfoo project (its configs and the files they name).",
+                ),
+                "update": serializers.BooleanField(
+                    required=False, help_text="Apply changes to cards that exist already."
+                ),
+                "strict": serializers.BooleanField(
+                    required=False, help_text="Refuse the import if anything would be left out."
+                ),
+                "create_providers": serializers.BooleanField(
+                    required=False,
+                    help_text="Create the promptfoo providers matching none stored (disabled).",
+                ),
                 "card": CardField(
                     required=False,
                     allow_null=True,
@@ -145,6 +195,11 @@ class CardViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
                 "CardImportReport",
                 {
                     "summary": serializers.CharField(),
+                    "not_imported": serializers.ListField(child=serializers.CharField()),
+                    "changes": serializers.ListField(child=serializers.CharField()),
+                    "providers_found": serializers.ListField(child=serializers.CharField()),
+                    "providers_missing": serializers.ListField(child=serializers.DictField()),
+                    "providers_created": serializers.ListField(child=serializers.CharField()),
                     **{
                         name: serializers.IntegerField()
                         for name in (
@@ -161,17 +216,27 @@ class CardViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
             )
         },
     )
-    @action(detail=False, methods=["post"], url_path="import")
+    @action(
+        detail=False,
+        methods=["post"],
+        url_path="import",
+        parser_classes=[JSONParser, MultiPartParser, FormParser],
+    )
     def import_file(self, request: Request) -> Response:
         """Import cards and cases as the admin's import page does: all or nothing, every
-        problem named with its place in the file."""
+        problem named with its place in the file; a .zip is a promptfoo project. Cards that
+        exist already change only with `update` (else: 400 listing what would change)."""
         if not request.user.has_perm("testruns.add_promptcard"):
             raise exceptions.PermissionDenied("You may not add cards.")
-        data = request.data if isinstance(request.data, dict) else {}
-        filename, content = data.get("filename"), data.get("content")
+        data = request.data if hasattr(request.data, "get") else {}
+        upload = data.get("file")
+        if upload is not None and hasattr(upload, "read"):
+            filename, content = upload.name, upload.read(card_files.MAX_UPLOAD_BYTES + 1)
+        else:
+            filename, content = data.get("filename"), data.get("content")
         if not isinstance(filename, str) or not filename or len(filename) > 200:
             raise exceptions.ValidationError({"filename": ["Give the file's name."]})
-        if not isinstance(content, str):
+        if not isinstance(content, str | bytes):
             raise exceptions.ValidationError({"content": ["Give the file's text."]})
         card = None
         if filename.lower().endswith(".csv") and data.get("card") is not None:
@@ -181,11 +246,15 @@ class CardViewSet(RefetchAfterSaveMixin, viewsets.ModelViewSet):
                 raise exceptions.ValidationError({"card": exc.detail}) from None
         try:
             report = card_files.import_cards(
-                content, filename=filename, user=request.user, card=card
+                content,
+                filename=filename,
+                user=request.user,
+                card=card,
+                **{name: _flag(data, name) for name in card_files.IMPORT_FLAGS},
             )
         except card_files.CardFileError as exc:
             raise exceptions.ValidationError({"content": exc.errors}) from None
-        return Response({"summary": report.summary(), **vars(report)})
+        return Response(report.as_dict())
 
 
 @extend_schema_view(

@@ -9,7 +9,7 @@ from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from testruns.api import catalog, operations, runs
+from testruns.api import catalog, operations, runs, schedules
 
 router = DefaultRouter()
 router.include_format_suffixes = False
@@ -18,6 +18,7 @@ router.register("versions", catalog.VersionViewSet, basename="api-version")
 router.register("cases", catalog.TestCaseViewSet, basename="api-case")
 router.register("providers", catalog.ProviderViewSet, basename="api-provider")
 router.register("runs", runs.RunViewSet, basename="api-run")
+router.register("schedules", schedules.ScheduleViewSet, basename="api-schedule")
 
 urlpatterns = [
     path("queue/stats/", operations.QueueStatsView.as_view(), name="api-queue-stats"),

@@ -1,7 +1,8 @@
 """Asking the model for a case: one call waited for at most its timeout and a grace period
 (and abandoned when the case's lease is lost), retried after 429s, 5xx and network errors with
 backoff or after the vendor's Retry-After while the case's budget allows, answered from the
-response cache when the run allows it; and the grader that `llm-rubric` assertions ask. A
+response cache when the run allows it; the grader that model-graded assertions ask, and the
+embeddings that `similar` asks for. A
 CallTracker adds up what a case's calls cost (attempts, tokens, cost, throttling)."""
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from django.db import DatabaseError
 
@@ -130,15 +133,16 @@ def call_with_retries(
     lost: threading.Event | None = None,
     *,
     provider: Provider | None = None,
-) -> providers.Completion:
-    """Call `provider` (default: the run's), retrying 429s, 5xx and network errors up to the
-    run's max_retries with exponential backoff and full jitter, or after the vendor's
-    Retry-After when it sends one and the case has that much time left (else the case ends
-    at once, saying how long the vendor asked for). A 429 also halves the provider's
-    effective concurrency, once per window (gate.throttle_provider). Raises CaseAbandoned as
-    soon as the case's lease is lost (`lost` is set). An attempt is waited for at most its
-    timeout and CALL_GRACE_SECONDS. Only the run's own provider's calls count as the case's
-    attempts and as its throttling."""
+    call: Callable[[], Any] | None = None,
+) -> Any:
+    """Call `provider` (default: the run's), or make `call` (an embeddings request), retrying
+    429s, 5xx and network errors up to the run's max_retries with exponential backoff and
+    full jitter, or after the vendor's Retry-After when it sends one and the case has that
+    much time left (else the case ends at once, saying how long the vendor asked for). A 429
+    also halves the provider's effective concurrency, once per window
+    (gate.throttle_provider). Raises CaseAbandoned as soon as the case's lease is lost
+    (`lost` is set). An attempt is waited for at most its timeout and CALL_GRACE_SECONDS.
+    Only the run's own provider's calls count as the case's attempts and as its throttling."""
     provider = provider or run.provider
     own = provider.pk == run.provider_id
     for attempt in range(run.max_retries + 1):
@@ -147,6 +151,8 @@ def call_with_retries(
             tracker.retries += attempt > 0
         sent = time.monotonic()
         try:
+            if call is not None:
+                return _within_timeout(run, call, lost)
             return call_provider(run, system, prompt, lost, provider=provider)
         except providers.ProviderError as exc:
             if exc.status == 429:
@@ -197,6 +203,16 @@ def call_provider(
         ) from None
 
 
+def _within_timeout(run: TestRun, call: Callable[[], Any], lost: threading.Event | None) -> Any:
+    timeout = run.timeout_seconds
+    try:
+        return inflight.call(call, lost, timeout=timeout + CALL_GRACE_SECONDS)
+    except inflight.CallOverran:
+        raise providers.ProviderError(
+            f"timed out after {timeout:.1f}s", kind=providers.Kind.TIMEOUT, retryable=True
+        ) from None
+
+
 def backoff(attempt: int, base: float = 0.5, cap: float = 20.0) -> float:
     return random.uniform(0, min(cap, base * 2**attempt))
 
@@ -237,3 +253,36 @@ def grader_for(
         return completion.text
 
     return grade
+
+
+def embedder_for(
+    run: TestRun, tracker: CallTracker | None = None, lost: threading.Event | None = None
+) -> assertions.Embed:
+    """How `similar` and `answer-relevance` get embeddings: from the grader's provider, as
+    `grader_for` grades (the run's timeout and retries, abandoned when the lease is lost, its
+    input tokens and cost added to the case's). One that cannot answer raises GradingError."""
+    tracker = tracker if tracker is not None else CallTracker()
+    provider = run.grader_provider or run.provider
+    label = str(provider.name)
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        timeout = run.timeout_seconds
+        try:
+            result = call_with_retries(
+                run,
+                "",
+                "",
+                tracker,
+                lost,
+                provider=provider,
+                call=lambda: providers.embed(provider, texts, timeout=timeout),
+            )
+        except providers.ProviderError as exc:
+            raise assertions.GradingError(
+                f"the embeddings provider {label} could not answer: {exc}"
+            ) from None
+        usage = providers.Completion("", tokens_in=result.tokens_in)
+        tracker.add_usage(usage, providers.cost_of(provider, result.tokens_in, 0), cached=False)
+        return result.vectors
+
+    return embed

@@ -1,4 +1,4 @@
-"""Sending admitted cases to the workers through the broker.
+"""Sending admitted cases, and notification deliveries, to the workers through the broker.
 
 A message is sent only after the admission committed. If the broker is unreachable the
 case stays admitted with no `dispatched_at`, and the sweeper sends it again later: nothing
@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 
 import dramatiq
+from django.db import connection
+from django.db.models import Q
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
 
-from testruns.models import TestResult
+from testruns.models import NotificationDelivery, TestResult
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +59,58 @@ def resend_undispatched(min_age_seconds: float = 2.0) -> int:
         .values_list("pk", flat=True)[:1000]
     )
     return send_cases(stuck) if stuck else 0
+
+
+# --- Notifications --------------------------------------------------------------------------
+
+# Looked up by name for the same reason as CASE_ACTOR (notify.delivering sits above the engine).
+DELIVERY_ACTOR = "deliver_notification"
+# A delivery whose message never went out (or whose sender died mid-attempt) is sent again by
+# the sweeper after this long.
+REDELIVER_AFTER_SECONDS = 2.0
+
+
+def send_deliveries(delivery_ids: list[int], *, delay_ms: int | None = None) -> int:
+    """Send notification deliveries to the workers (after the commit that created or retried
+    them); `delay_ms` holds a retry back in the broker until its backoff has passed."""
+    deliver = dramatiq.get_broker().get_actor(DELIVERY_ACTOR)
+    sent = []
+    for delivery_id in delivery_ids:
+        try:
+            deliver.send_with_options(args=(delivery_id,), delay=delay_ms)
+        except Exception:
+            log.warning(
+                "broker unreachable; %d notification(s) will be re-sent by the sweeper",
+                len(delivery_ids) - len(sent),
+                exc_info=True,
+            )
+            break
+        sent.append(delivery_id)
+    if sent:
+        NotificationDelivery.objects.filter(pk__in=sent).update(dispatched_at=Now())
+    return len(sent)
+
+
+# An attempt whose claim ran out (its worker died mid-send) becomes a retry due now.
+_RELEASE_STALE_CLAIMS = """
+UPDATE testruns_notificationdelivery
+SET status = 'retrying', dispatched_at = NULL, next_attempt_at = now(), claimed_until = NULL
+WHERE status = 'sending' AND claimed_until < now()
+"""
+
+
+def resend_undelivered() -> int:
+    """A sweep step: send again the deliveries whose message never reached the broker (or
+    whose attempt was cut off), once they are due by the database clock."""
+    with connection.cursor() as cursor:
+        cursor.execute(_RELEASE_STALE_CLAIMS)
+    cutoff = RawSQL("now() - make_interval(secs => %s)", [REDELIVER_AFTER_SECONDS])
+    stuck = list(
+        NotificationDelivery.objects.filter(
+            status__in=[NotificationDelivery.Status.PENDING, NotificationDelivery.Status.RETRYING],
+            dispatched_at=None,
+        )
+        .filter(Q(next_attempt_at__lt=cutoff) | Q(next_attempt_at=None, created_at__lt=cutoff))
+        .values_list("pk", flat=True)[:1000]
+    )
+    return send_deliveries(stuck) if stuck else 0

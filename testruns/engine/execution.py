@@ -38,7 +38,7 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 from testruns.catalog import assertions
 from testruns.catalog.prompts import render_prompt
 from testruns.engine import admission, gate, inflight, providers
-from testruns.engine.calls import CallTracker, generate, grader_for
+from testruns.engine.calls import CallTracker, embedder_for, generate, grader_for
 from testruns.engine.followups import followups
 from testruns.engine.recording import (
     CaseOutcome,
@@ -222,6 +222,7 @@ def run_case(run: TestRun, result: TestResult, lost: threading.Event | None = No
     wanted = max(1, run.repeats)  # a row written behind the forms' backs may say 0
     try:
         grade = grader_for(run, tracker, lost)
+        embed = embedder_for(run, tracker, lost)
         for number in range(wanted):
             if number:  # the previous repeat's call is done: progress moves with each call
                 tracker.calls_counted += 1
@@ -244,6 +245,9 @@ def run_case(run: TestRun, result: TestResult, lost: threading.Event | None = No
                 cost=cost,
                 threshold=result.threshold,
                 grade=grade,
+                embed=embed,
+                variables=result.variables,
+                prompt=prompt,
             )
             if lost is not None and lost.is_set():
                 # A grader call given up on because the lease went: the assertion module saw
@@ -330,12 +334,15 @@ def repeat_fields(run: TestRun, repeats: list[Repeat]) -> dict:
 
 
 def case_budget_seconds(run: TestRun, result: TestResult) -> float:
-    """How long a case may take: every model call it may make (each repeat's answer and its
-    llm-rubric gradings) timing out on every attempt, timeout x (max_retries + 1) each; and
+    """How long a case may take: every model call it may make (each repeat's answer, its
+    gradings and embeddings requests) timing out on every attempt, timeout x (max_retries + 1)
+    each; and
     never more than the actor's time limit leaves a case that starts late in a hand-over
     chain. A vendor's Retry-After is waited for only while it fits in what is left."""
     specs = result.assertions if isinstance(result.assertions, list) else []
-    gradings = sum(1 for s in specs if isinstance(s, dict) and s.get("type") == "llm-rubric")
+    gradings = sum(
+        assertions.MODEL_CALLS.get(s.get("type"), 0) for s in specs if isinstance(s, dict)
+    )
     calls = max(1, run.repeats) * (1 + gradings)
     budget = run.timeout_seconds * (run.max_retries + 1) * calls
     return min(budget, case_time_limit_seconds() - handover_budget_seconds())

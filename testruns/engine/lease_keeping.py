@@ -1,7 +1,9 @@
 """What every worker process does besides running cases: a heartbeat thread that keeps the
 leases of the cases it is working on alive, a sweeper thread that repairs what others left
-behind, a thread for the follow-ups of closed cases (engine.followups), and a hand-back of
-held cases at start (an earlier process with our host and pid) and at shutdown.
+behind, a thread that launches due schedules (engine.scheduling; PostgreSQL decides which
+process launches each due time), a thread for the follow-ups of closed cases
+(engine.followups), and a hand-back of held cases at start (an earlier process with our host
+and pid) and at shutdown.
 
 Heartbeat and sweep run in separate threads so that a slow sweep (a broker or a channel
 layer that takes seconds to answer) can never let a live worker's leases expire, which
@@ -22,7 +24,7 @@ from django.db import close_old_connections, connection
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from testruns.engine import admission, gate, inflight, sweeper, worker_identity
+from testruns.engine import admission, gate, inflight, scheduling, sweeper, worker_identity
 from testruns.engine.followups import followups
 from testruns.models import WorkerHeartbeat
 from testruns.ops import host_load
@@ -53,6 +55,7 @@ class LeaseKeeping:
         self.threads = [
             threading.Thread(target=self.beat, name="lease-heartbeat", daemon=True),
             threading.Thread(target=self.sweep, name="lease-sweeper", daemon=True),
+            threading.Thread(target=self.schedule, name="schedules", daemon=True),
         ]
         for thread in self.threads:
             thread.start()
@@ -89,6 +92,12 @@ class LeaseKeeping:
     def _sweep_once() -> None:
         inflight.notice_lost_leases()
         sweeper.sweep()
+
+    def schedule(self) -> None:
+        """Launch due schedules; apart from the sweep, so a slow sweep never makes a due
+        time late."""
+        every = float(settings.SCHEDULE_INTERVAL_SECONDS)
+        self._repeat(every, scheduling.launch_due_schedules, what="schedule tick")
 
     def _repeat(self, interval: float, tick: Callable[[], None], *, what: str) -> None:
         """Call tick() every `interval` seconds until the worker stops; after a failure (the

@@ -21,6 +21,7 @@ from django.db.models import F
 from testruns.engine import admission, gate, inflight
 from testruns.engine.followups import followups
 from testruns.engine.run_aggregates import store_run_aggregates
+from testruns.engine.settling import settle_run
 from testruns.live import publish
 from testruns.models import TestResult, TestRun
 
@@ -301,6 +302,7 @@ def record_case(run: TestRun, result: TestResult, lease_id: int, outcome: CaseOu
         promoted = closed.run.promoted
         followups.later(lambda: announce_finished(run, promoted))
         followups.later(lambda: store_run_aggregates(run.pk))
+        followups.later(lambda: settle_run(run.pk))
     elif closed.event_due:
         followups.later(lambda: announce_progress(run.pk))
     # Complete but not finished in that call: the run was cancelled meanwhile, or its "runs"
@@ -401,4 +403,5 @@ def finish_run(run_id: int) -> bool:
         return False
     log.info("run finished: %s", status, extra={"run_id": run_id})
     store_run_aggregates(run_id)  # after the commit: the run slot is not held for the scan
+    settle_run(run_id)
     return True

@@ -8,7 +8,7 @@ import logging
 
 from django.db.models import F
 
-from testruns.engine import admission, dispatch, gate, recording
+from testruns.engine import admission, counters, dispatch, gate, recording, settling
 from testruns.live import publish
 from testruns.models import Semaphore, TestResult, TestRun
 
@@ -21,7 +21,9 @@ def sweep() -> dict[str, int]:
     2. Re-send admitted cases whose message never reached the broker.
     3. Finish runs whose every case is done (a crash between the last result and the finish).
     4. Fill free slots where waiters exist (a promotion lost to a crash).
-    5. Tell pages about results that coalescing held back during a quiet spell."""
+    5. Tell pages about results that coalescing held back during a quiet spell.
+    6. Settle finished runs nobody settled (counters, notifications), count the queue waits
+       of runs that started, and re-send notifications whose message never went out."""
     report = {
         "recounted": len(gate.recount_in_use()),
         "reclaimed": admission.reclaim_expired_cases(),
@@ -35,7 +37,10 @@ def sweep() -> dict[str, int]:
         "admitted_runs": len(admit_runs_if_room()),
         "admitted_cases": sum(len(admission.admit_cases(p)) for p in providers_with_room()),
         "announced": publish.flush_unannounced(),
+        "settled": settling.settle_finished_runs(),
+        "redelivered": dispatch.resend_undelivered(),
     }
+    counters.count_started_runs()  # every sweep finds some while runs start: not worth a line
     if any(report.values()):
         log.info("sweep: %s", report)
     return report

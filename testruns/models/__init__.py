@@ -16,6 +16,7 @@ from testruns.models.catalog import (
     TestCase,
     tag_list,
 )
+from testruns.models.counters import MetricCounter
 from testruns.models.gate import (
     ADMISSION_LOCK_KEY,
     QUEUE_LOCK_KEY,
@@ -26,7 +27,13 @@ from testruns.models.gate import (
     WorkerHeartbeat,
     provider_semaphore,
 )
+from testruns.models.notifications import (
+    DeliveryAttempt,
+    NotificationDelivery,
+    NotificationRule,
+)
 from testruns.models.runs import ResponseCache, TestResult, TestRun
+from testruns.models.schedules import Schedule, ScheduleLaunch
 
 __all__ = [
     "ADMISSION_LOCK_KEY",
@@ -35,11 +42,17 @@ __all__ = [
     "RUNS_PER_USER_SEMAPHORE",
     "RUNS_SEMAPHORE",
     "SIMULATOR_PARAMETERS",
+    "DeliveryAttempt",
     "Lease",
+    "MetricCounter",
+    "NotificationDelivery",
+    "NotificationRule",
     "PromptCard",
     "PromptVersion",
     "Provider",
     "ResponseCache",
+    "Schedule",
+    "ScheduleLaunch",
     "Semaphore",
     "TestCase",
     "TestResult",

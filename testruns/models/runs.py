@@ -48,6 +48,14 @@ class TestRun(models.Model):
         help_text="Grades llm-rubric assertions; empty: the run's own provider.",
     )
     comparison_group = models.UUIDField(null=True, blank=True, db_index=True)
+    schedule_launch = models.ForeignKey(
+        "testruns.ScheduleLaunch",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="runs",
+        help_text="The scheduled launch that queued it, if one did.",
+    )
 
     # Configuration. The bounds are the product's, declared here only: the launch page, the
     # admin, the API and the CLI build their fields from these validators (engine.run_settings).
@@ -111,6 +119,11 @@ class TestRun(models.Model):
     latency_p95_ms = models.FloatField(null=True, blank=True)
     skipped_count = models.PositiveIntegerField(default=0)
     aggregated_at = models.DateTimeField(null=True, blank=True)
+    # Bookkeeping after the fact, each step claimed once by a conditional update so that any
+    # number of sweepers count a run exactly once (engine.settling): its queue wait counted in
+    # /metrics, and its end (counters, notifications) settled.
+    wait_counted = models.BooleanField(default=False, editable=False)
+    settled_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-queued_at"]
@@ -129,6 +142,13 @@ class TestRun(models.Model):
             models.Index(fields=["launched_by", "-queued_at"], name="run_launcher_recent"),
             # The history's order: its first page reads 25 index entries, not every run.
             models.Index(fields=["-queued_at", "-id"], name="run_recent"),
+            # What the sweepers' settling steps look for: few rows, whatever the history.
+            models.Index(fields=["id"], name="run_unsettled", condition=Q(settled_at=None)),
+            models.Index(
+                fields=["id"],
+                name="run_wait_uncounted",
+                condition=Q(wait_counted=False, started_at__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:

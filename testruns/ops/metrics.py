@@ -1,23 +1,21 @@
-"""/metrics in Prometheus' text format.
+"""/metrics in Prometheus' text format, read from PostgreSQL at scrape time by one custom
+collector, so any number of web and worker processes need no shared memory and every web
+process answers the same.
 
-Every figure is computed at scrape time from PostgreSQL by one custom collector, so any
-number of web and worker processes need no shared memory and every web process answers the
-same: PostgreSQL is already the authority for runs, slots and results.
-
-- Gauges of the present: runs waiting and running, slots in use and limits per semaphore,
-  live and accepting workers; a counter of corrections the sweeper made to slot counts.
-- Histograms and counts over a recent window (METRICS_WINDOW_SECONDS, default one hour): queue
-  wait of runs that started in it, case latency by provider and case outcomes, provider errors
-  by kind, retries and cache hits of cases that finished in it. They are rebuilt from rows
-  on every scrape, so they are not monotonic counters: read them as they are (e.g.
-  `histogram_quantile(0.95, sum by (le) (pcr_queue_wait_seconds_bucket))`), without rate().
-  Keeping cumulative counters instead would need either shared state between processes or an
-  aggregate over the whole history at every scrape.
+- Counters (`_total`) and cumulative histograms (`_bucket`, `_count`, `_sum`) come from the
+  MetricCounter rows that engine.counters adds to where things end: runs by final status,
+  cases by status, provider errors by kind, retries and cache hits per provider, case latency
+  per provider, queue wait, notifications sent and failed, schedule launches. They only grow,
+  across processes, restarts and deleted runs, so `rate()` and `increase()` work on them.
+- Gauges are levels only: runs waiting and running, slots in use and limits per semaphore,
+  live and accepting workers. Plus a counter of corrections the sweeper made to slot counts
+  (kept in the semaphore's row).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Iterator
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
@@ -34,39 +32,18 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from testruns.engine.counters import COUNTERS, HISTOGRAMS
+from testruns.models import MetricCounter, NotificationRule, TestRun
 from testruns.reporting import queue_stats
 
-QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-CASE_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
-
-# Provider errors are stored as text; their kind is read from the words providers.py writes.
-_ERROR_KIND_SQL = """
-CASE WHEN t.error ~ '^HTTP 429' THEN 'rate_limited'
-     WHEN t.error ~ 'HTTP 5[0-9][0-9]' THEN 'server_error'
-     WHEN t.error ~ '^HTTP 40[13]' THEN 'auth'
-     WHEN t.error ~ '^HTTP 4[0-9][0-9]' THEN 'client_error'
-     WHEN t.error ~* 'timed out' THEN 'timeout'
-     WHEN t.error ~* '^connection failed' THEN 'connection'
-     WHEN t.error ~ '^Template error' THEN 'template'
-     WHEN t.error ~ '^(the vendor answered with something|the answer (was larger|has no|''s))'
-       OR t.error ~ '^(a text block|the command''s answer was larger)' THEN 'bad_response'
-     WHEN t.error ~ '^the vendor answered with an error' THEN 'server_error'
-     WHEN t.error ~ '^the prompt cannot be sent' THEN 'client_error'
-     WHEN t.error ~ '^unexpected error:' THEN 'unexpected'
-     WHEN t.error ~ '^the worker''s time limit' THEN 'time_limit'
-     WHEN t.error ~ '^the result could not be saved' THEN 'database'
-     ELSE 'other' END
-"""
-
-# Cases that finished in the window, reached through the runs active in it (results are
-# indexed by run; there is no index on their finish time).
-_WINDOW_CASES = """
-FROM testruns_testresult t JOIN testruns_testrun r ON r.id = t.run_id
-JOIN testruns_provider p ON p.id = r.provider_id
-WHERE t.run_id IN (SELECT id FROM testruns_testrun WHERE status = 'running'
-                   OR finished_at >= now() - make_interval(secs => %(window)s))
-  AND t.finished_at >= now() - make_interval(secs => %(window)s)
-"""
+# Series shown at 0 before anything happened, so that rate() and alerts see them from the start.
+KNOWN_LABELS = {
+    "runs": [(status,) for status in TestRun.FINISHED],
+    "notifications_sent": [(channel,) for channel in NotificationRule.Channel.values],
+    "notifications_failed": [(channel,) for channel in NotificationRule.Channel.values],
+    "notification_attempts_failed": [(channel,) for channel in NotificationRule.Channel.values],
+    "schedule_launches": [("launched",), ("refused",)],
+}
 
 
 def _rows(sql: str, params: dict | list | None = None) -> list[tuple]:
@@ -75,34 +52,14 @@ def _rows(sql: str, params: dict | list | None = None) -> list[tuple]:
         return cursor.fetchall()
 
 
-def _bucket_columns(expression: str, buckets: Sequence[float]) -> str:
-    counts = ", ".join(f"count(*) FILTER (WHERE {expression} <= {float(b)!r})" for b in buckets)
-    return f"{counts}, count(*), COALESCE(sum({expression}), 0)"
-
-
-def _histogram_buckets(values: Sequence, buckets: Sequence[float]) -> tuple[list, float]:
-    """A row of _bucket_columns() as prometheus-client wants it: cumulative (le, count)
-    pairs ending in +Inf, and the sum."""
-    counts, total, value_sum = values[: len(buckets)], values[len(buckets)], values[-1]
-    pairs = [(repr(float(b)), count) for b, count in zip(buckets, counts, strict=True)]
-    return pairs + [("+Inf", total)], float(value_sum)
-
-
 class DatabaseCollector(Collector):
     """Reads everything at scrape time; see the module docstring."""
 
     def collect(self) -> Iterator[Metric]:
-        window = int(settings.METRICS_WINDOW_SECONDS)
         yield from self.runs()
         yield from self.semaphores()
         yield from self.workers()
-        yield GaugeMetricFamily(
-            "pcr_metrics_window_seconds",
-            "The recent window that histograms and case counts cover.",
-            value=window,
-        )
-        yield self.queue_wait(window)
-        yield from self.cases(window)
+        yield from self.counted()
 
     def runs(self) -> Iterator[Metric]:
         ((waiting, running),) = _rows(
@@ -151,78 +108,48 @@ class DatabaseCollector(Collector):
             value=sum(row["accepting"] for row in rows),
         )
 
-    def queue_wait(self, window: int) -> Metric:
-        wait = "extract(epoch FROM started_at - queued_at)::float8"
-        (row,) = _rows(
-            f"SELECT {_bucket_columns(wait, QUEUE_WAIT_BUCKETS)} FROM testruns_testrun "
-            "WHERE started_at >= now() - make_interval(secs => %(window)s)",
-            {"window": window},
-        )
-        family = HistogramMetricFamily(
-            "pcr_queue_wait_seconds",
-            "Time runs waited for a run slot (runs that started in the window).",
-        )
-        family.add_metric([], *_histogram_buckets(row, QUEUE_WAIT_BUCKETS))
+    def counted(self) -> Iterator[Metric]:
+        """Every counter and histogram, from one read of the counter rows."""
+        series: dict[str, dict[tuple, float]] = defaultdict(dict)
+        for name, labels, value in MetricCounter.objects.values_list("name", "labels", "value"):
+            series[name][tuple(sorted(labels.items()))] = value
+        for name, (help_text, label_names) in COUNTERS.items():
+            family = CounterMetricFamily(f"pcr_{name}", help_text, labels=list(label_names))
+            values = {
+                tuple(dict(key).get(n, "") for n in label_names): v
+                for key, v in series[name].items()
+            }
+            for known in KNOWN_LABELS.get(name, []):
+                values.setdefault(known, 0.0)
+            for label_values, value in sorted(values.items()):
+                family.add_metric(list(label_values), value)
+            yield family
+        for name, (help_text, label_names, buckets) in HISTOGRAMS.items():
+            yield self.histogram(name, help_text, label_names, buckets, series)
+
+    @staticmethod
+    def histogram(name, help_text, label_names, buckets, series) -> Metric:
+        family = HistogramMetricFamily(f"pcr_{name}", help_text, labels=list(label_names))
+        counts: dict[tuple, dict[str, float]] = defaultdict(dict)
+        for key, value in series[f"{name}_bucket"].items():
+            labels = dict(key)
+            counts[tuple(labels.get(n, "") for n in label_names)][labels["le"]] = value
+        totals = {
+            tuple(dict(key).get(n, "") for n in label_names): value
+            for key, value in series[f"{name}_count"].items()
+        }
+        sums = {
+            tuple(dict(key).get(n, "") for n in label_names): value
+            for key, value in series[f"{name}_sum"].items()
+        }
+        if not label_names:
+            totals.setdefault((), 0.0)
+        for label_values in sorted(set(counts) | set(totals)):
+            found = counts.get(label_values, {})
+            pairs = [(repr(float(b)), found.get(repr(float(b)), 0.0)) for b in buckets]
+            pairs.append(("+Inf", totals.get(label_values, 0.0)))
+            family.add_metric(list(label_values), pairs, sums.get(label_values, 0.0))
         return family
-
-    def cases(self, window: int) -> Iterator[Metric]:
-        params = {"window": window}
-        latency = HistogramMetricFamily(
-            "pcr_case_latency_seconds",
-            "Provider latency of cases that finished in the window.",
-            labels=["provider"],
-        )
-        seconds = "(t.latency_ms / 1000.0)"
-        for provider, *row in _rows(
-            f"SELECT p.name, {_bucket_columns(seconds, CASE_LATENCY_BUCKETS)} "
-            f"{_WINDOW_CASES} AND t.latency_ms IS NOT NULL GROUP BY p.name ORDER BY p.name",
-            params,
-        ):
-            latency.add_metric([provider], *_histogram_buckets(row, CASE_LATENCY_BUCKETS))
-        yield latency
-        yield from self.case_counts(params)
-
-    def case_counts(self, params: dict) -> Iterator[Metric]:
-        outcomes = GaugeMetricFamily(
-            "pcr_cases_finished",
-            "Cases that finished in the window, by provider and status.",
-            labels=["provider", "status"],
-        )
-        retries = GaugeMetricFamily(
-            "pcr_case_retries",
-            "Extra provider calls (retries) of cases that finished in the window.",
-            labels=["provider"],
-        )
-        cache = GaugeMetricFamily(
-            "pcr_cache_hits",
-            "Cases answered from the response cache in the window.",
-            labels=["provider"],
-        )
-        errors = GaugeMetricFamily(
-            "pcr_provider_errors",
-            "Cases that ended in a provider error in the window, by kind.",
-            labels=["provider", "kind"],
-        )
-        per_provider: dict[str, tuple[int, int]] = {}
-        for provider, status, count, extra_calls, hits in _rows(
-            "SELECT p.name, t.status, count(*), COALESCE(sum(GREATEST(t.attempts - 1, 0)), 0),"
-            f" count(*) FILTER (WHERE t.cached) {_WINDOW_CASES} GROUP BY p.name, t.status "
-            "ORDER BY p.name, t.status",
-            params,
-        ):
-            outcomes.add_metric([provider, status], count)
-            before = per_provider.get(provider, (0, 0))
-            per_provider[provider] = (before[0] + extra_calls, before[1] + hits)
-        for provider, (extra_calls, hits) in per_provider.items():
-            retries.add_metric([provider], extra_calls)
-            cache.add_metric([provider], hits)
-        for provider, kind, count in _rows(
-            f"SELECT p.name, {_ERROR_KIND_SQL} AS kind, count(*) {_WINDOW_CASES} "
-            "AND t.status = 'error' GROUP BY 1, 2 ORDER BY 1, 2",
-            params,
-        ):
-            errors.add_metric([provider, kind], count)
-        yield from (outcomes, retries, cache, errors)
 
 
 registry = CollectorRegistry(auto_describe=False)

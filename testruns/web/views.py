@@ -20,7 +20,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from testruns.catalog import cards
 from testruns.catalog.prompts import render_prompt
-from testruns.engine import launching
+from testruns.engine import launching, scheduling
 from testruns.live import snapshots
 from testruns.models import PromptCard, TestRun
 from testruns.reporting import run_csv
@@ -215,6 +215,7 @@ def history(request) -> HttpResponse:
         {
             "form": form,
             "card": filters.get("card"),
+            "next_schedule": filters.get("card") and scheduling.next_scheduled_for(filters["card"]),
             "page": page,
             "charts": charts,
             "query": query.urlencode(),

@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only for the annotation: model_graded imports this module
     from testruns.catalog.assertions.model_graded import Grade
+
+# The embeddings protocol, like the grader's: texts in, one vector per text out; the caller
+# passes it, and it raises GradingError when the provider cannot answer.
+Embed = Callable[[list[str]], list[list[float]]]
 
 MISSING: Any = object()  # a spec without "value", as opposed to "value": null
 # Counts are capped so they stay printable and comparable; no output nears a billion words.
@@ -21,12 +25,20 @@ MAX_COUNT = 1_000_000_000
 
 @dataclass(frozen=True)
 class Context:
-    """What a check reads besides its value: the output and what the call measured."""
+    """What a check reads besides its value: the output and what the call measured, the
+    case's variables and prompt (javascript, the model-graded types), the callables that
+    reach models, and the assertion's own threshold. `output_value` is what a transform
+    made of the output (data, for javascript), `output` its text."""
 
     output: str
     latency_ms: float | None
     cost: float | Decimal | None
     grade: Grade | None
+    embed: Embed | None = None
+    variables: dict[str, Any] = field(default_factory=dict)
+    prompt: str = ""
+    threshold: float | None = None
+    output_value: Any = None
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,20 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from testruns.catalog.assertions import measures, model_graded, structured, text
+from testruns.catalog.assertions import (
+    graded,
+    javascript,
+    measures,
+    model_graded,
+    overlap,
+    structured,
+    text,
+)
 from testruns.catalog.assertions.contract import (
     MISSING,
     Check,
     Context,
+    Embed,
     Result,
     Validate,
     binary,
@@ -23,8 +32,17 @@ from testruns.catalog.assertions.contract import (
     show_typed,
 )
 from testruns.catalog.assertions.model_graded import Grade
+from testruns.catalog.assertions.sandbox import SandboxError
 
-_KEYS = frozenset({"type", "value", "weight"})
+# promptfoo's keys of an assertion that mean something here: `threshold` (the score at which
+# a scoring type passes), `metric` (a name for reports, kept for the round trip) and
+# `transform` (JavaScript run on the output first).
+_KEYS = frozenset({"type", "value", "weight", "threshold", "metric", "transform"})
+REFUSED_TYPES = {
+    "python": "python assertions run Python code on the server, with the worker's access to "
+    "the database and every secret; this app runs custom code only in its JavaScript sandbox: "
+    "rewrite it as a javascript assertion",
+}
 # A weighted mean can land a hair below the exact fraction (weights 0.1 + 0.7 out of 1.0 give
 # 0.7999999999999999); a threshold of 0.8 should still pass.
 _SCORE_EPSILON = 1e-9
@@ -78,9 +96,43 @@ _TYPES: dict[str, tuple[Check, Validate]] = {
     "latency": (measures.check_latency, measures.limit_problems),
     "cost": (measures.check_cost, measures.limit_problems),
     "llm-rubric": (model_graded.check_llm_rubric, text.string_problems),
+    "icontains-any": (text.check_icontains_any, text.strings_problems),
+    "icontains-all": (text.check_icontains_all, text.strings_problems),
+    "contains-json": (
+        structured.check_contains_json,
+        lambda value: structured.schema_problems(value, required=False),
+    ),
+    "is-valid-openai-tools-call": (structured.check_openai_tools_call, structured.tools_problems),
+    "javascript": (javascript.check_javascript, javascript.javascript_problems),
+    "rouge-n": (overlap.check_rouge_n, overlap.reference_problems),
+    "bleu": (overlap.check_bleu, overlap.references_problems),
+    "similar": (graded.check_similar, overlap.references_problems),
+    "factuality": (graded.check_factuality, text.string_problems),
+    "model-graded-closedqa": (graded.check_closedqa, text.string_problems),
+    "g-eval": (graded.check_g_eval, text.string_problems),
+    "answer-relevance": (graded.check_answer_relevance, lambda value: []),
 }
-# Inverting suits these pass/fail facts about the text, not budgets, fuzzy scores or graders.
-_NEGATABLE = "equals contains icontains contains-any contains-all starts-with regex is-json".split()
+# Inverting suits pass/fail facts about the text and the scores promptfoo inverts (1 - score),
+# not budgets or graders.
+_NEGATABLE = (
+    "equals contains icontains contains-any contains-all icontains-any icontains-all "
+    "starts-with regex is-json contains-json javascript rouge-n bleu similar"
+).split()
+# How many model calls (gradings and embeddings requests) one assertion of a type may make, for
+# the case's time budget.
+MODEL_CALLS = {
+    "llm-rubric": 1,
+    "factuality": 1,
+    "model-graded-closedqa": 1,
+    "g-eval": 2,
+    "answer-relevance": graded.RELEVANCE_QUESTIONS + 1,
+    "similar": 1,
+    "not-similar": 1,
+}
+# Types whose check reads the assertion's threshold; on the others it is kept but unused.
+SCORED_TYPES = frozenset(
+    "javascript rouge-n bleu similar g-eval answer-relevance llm-rubric levenshtein".split()
+)
 ASSERTION_TYPES: frozenset[str] = frozenset(_TYPES) | {f"not-{name}" for name in _NEGATABLE}
 
 
@@ -109,6 +161,8 @@ def _spec_problems(spec: object) -> list[str]:
         return ['"type" is missing']
     if not isinstance(name, str):
         return [f'"type" must be a string, got {json_type(name)}']
+    if name in REFUSED_TYPES:
+        return [f"{name} is not supported: {REFUSED_TYPES[name]}"]
     if name not in ASSERTION_TYPES:
         return [_unknown_type(name)]
     validate = _TYPES[name.removeprefix("not-")][1]
@@ -116,7 +170,21 @@ def _spec_problems(spec: object) -> list[str]:
         [f"unknown key {show(str(key), 40)}" for key in spec if key not in _KEYS]
         + validate(spec.get("value", MISSING))
         + _weight_problems(spec.get("weight", MISSING))
+        + _extra_problems(spec)
     )
+
+
+def _extra_problems(spec: dict[str, Any]) -> list[str]:
+    problems = []
+    threshold = spec.get("threshold", MISSING)
+    if threshold is not MISSING and (isinstance(threshold, bool) or not is_limit(threshold)):
+        problems.append(f"threshold must be a number >= 0, got {show_typed(threshold)}")
+    metric = spec.get("metric", MISSING)
+    if metric is not MISSING and not (isinstance(metric, str) and metric.strip()):
+        problems.append(f"metric must be a non-blank string, got {show_typed(metric)}")
+    if "transform" in spec:
+        problems += javascript.transform_problems(spec["transform"])
+    return problems
 
 
 def assertion_errors(assertions: object) -> list[str]:
@@ -139,8 +207,12 @@ def check_assertion(
     latency_ms: float | None = None,
     cost: float | Decimal | None = None,
     grade: Grade | None = None,
+    embed: Embed | None = None,
+    variables: dict[str, Any] | None = None,
+    prompt: str = "",
 ) -> AssertionOutcome:
-    """Run one assertion on an output. A malformed spec gives a failed outcome, not an error."""
+    """Run one assertion on an output, after its transform if it has one. A malformed spec
+    gives a failed outcome, not an error."""
     name = spec.get("type") if isinstance(spec, dict) else None
     name = name if isinstance(name, str) else "invalid"
     weight = spec.get("weight", 1) if isinstance(spec, dict) else 1
@@ -150,11 +222,28 @@ def check_assertion(
         reason = "invalid assertion: " + "; ".join(problems)
         return AssertionOutcome(name, False, 0.0, reason, weight)
     check = _TYPES[name.removeprefix("not-")][0]
+    threshold = spec.get("threshold")
+    ctx = Context(
+        output,
+        latency_ms,
+        cost,
+        grade,
+        embed,
+        variables or {},
+        prompt,
+        None if threshold is None else float(threshold),
+        output,
+    )
     try:
-        result = check(spec.get("value", MISSING), Context(output, latency_ms, cost, grade))
+        if "transform" in spec:
+            value = javascript.apply_transforms(spec["transform"], ctx)
+            ctx = dataclasses.replace(ctx, output=javascript.output_text(value), output_value=value)
+        result = check(spec.get("value", MISSING), ctx)
     except structured.NotJson as exc:
         result = binary(False, str(exc))
-    if name not in _TYPES:  # a not- variant: the base result, inverted
+    except SandboxError as exc:
+        result = binary(False, f"transform: {exc}")
+    if name not in _TYPES and not result.error:  # a not- variant: the base result, inverted
         reason = f"expected the opposite: {result.reason}" if result.passed else result.reason
         result = Result(not result.passed, 1.0 - result.score, reason)
     return AssertionOutcome(
@@ -170,6 +259,9 @@ def evaluate(
     cost: float | Decimal | None = None,
     threshold: float | None = None,
     grade: Grade | None = None,
+    embed: Embed | None = None,
+    variables: dict[str, Any] | None = None,
+    prompt: str = "",
 ) -> CaseVerdict:
     """Run every assertion and combine the outcomes.
 
@@ -180,7 +272,16 @@ def evaluate(
     answer: ...").
     """
     outcomes = [
-        check_assertion(spec, output=output, latency_ms=latency_ms, cost=cost, grade=grade)
+        check_assertion(
+            spec,
+            output=output,
+            latency_ms=latency_ms,
+            cost=cost,
+            grade=grade,
+            embed=embed,
+            variables=variables,
+            prompt=prompt,
+        )
         for spec in assertions
     ]
     total = sum(outcome.weight for outcome in outcomes)

@@ -150,3 +150,87 @@ def json_path_problems(value: object) -> list[str]:
     except ValueError as exc:
         return [f"invalid path {quote(value['path'])}: {exc}"]
     return []
+
+
+# -- contains-json and OpenAI tool calls ------------------------------------------------------
+
+# promptfoo looks at most this far past an opening brace for its closing one.
+_MAX_JSON_CHARS = 100_000
+
+
+def json_objects_in(text: str) -> list[Any]:
+    """The JSON objects embedded in text, left to right, as promptfoo's contains-json finds
+    them: from each `{`, the shortest balanced span that parses (bounded, so it stays linear
+    in practice); the search goes on after each object found."""
+    found, decoder, i = [], json.JSONDecoder(), 0
+    while (i := text.find("{", i)) != -1:
+        try:
+            value, end = decoder.raw_decode(text[: i + _MAX_JSON_CHARS], i)
+        except (ValueError, RecursionError):
+            i += 1
+            continue
+        found.append(value)
+        i = end
+    return found
+
+
+def check_contains_json(value: Any, ctx: Context) -> Result:
+    objects = json_objects_in(ctx.output)
+    if not objects:
+        return binary(False, f"output contains no JSON object; output: {quote(ctx.output)}")
+    if value is MISSING or value is None:
+        return binary(True, f"output contains JSON {show(objects[0])}")
+    validator = Draft202012Validator(value)
+    for doc in objects:
+        if (error := best_match(validator.iter_errors(doc))) is None:
+            return binary(True, f"output contains JSON matching the schema: {show(doc)}")
+    return binary(False, f"no JSON object in the output matches the schema: {error.message[:200]}")
+
+
+def _tool_calls(doc: Any) -> list[Any] | None:
+    if isinstance(doc, dict) and "tool_calls" in doc:
+        doc = doc["tool_calls"]
+    return doc if isinstance(doc, list) and doc else None
+
+
+def check_openai_tools_call(value: list[dict[str, Any]], ctx: Context) -> Result:
+    """The output (JSON: a list of tool calls or {"tool_calls": [...]}) calls only the tools
+    in `value` (OpenAI's `tools` list), each with arguments that match its parameters."""
+    calls = _tool_calls(load_json(ctx.output))
+    if calls is None or any(
+        not isinstance(call, dict)
+        or not isinstance(call.get("function"), dict)
+        or not isinstance(call["function"].get("name"), str)
+        or not isinstance(call["function"].get("arguments"), str)
+        for call in calls
+    ):
+        return binary(False, f"output is not a list of OpenAI tool calls: {quote(ctx.output)}")
+    tools = {t["function"]["name"]: t["function"] for t in value if t.get("type") == "function"}
+    for call in calls:
+        name, arguments = call["function"]["name"], call["function"]["arguments"]
+        if name not in tools:
+            return binary(False, f"the output calls {quote(name)}, which is not among the tools")
+        try:
+            args = json.loads(arguments)
+        except ValueError:
+            return binary(False, f"the arguments of {quote(name)} are not JSON: {quote(arguments)}")
+        schema = tools[name].get("parameters") or {}
+        if (error := best_match(Draft202012Validator(schema).iter_errors(args))) is not None:
+            return binary(False, f"the arguments of {quote(name)} do not match: {error.message}")
+    return binary(True, f"the output makes {len(calls)} valid tool call(s)")
+
+
+def tools_problems(value: object) -> list[str]:
+    if not isinstance(value, list) or not value:
+        return ["value must be a non-empty list of tools, as OpenAI's `tools` parameter"]
+    problems = []
+    for i, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            problems.append(f'value[{i}] must be {{"type": "function", "function": {{"name"...')
+        elif (params := function.get("parameters")) is not None:
+            problems += [
+                f"value[{i}].function.parameters: {p}"
+                for p in schema_problems(params, required=True)
+            ]
+    return problems

@@ -1,5 +1,6 @@
 """Assertions on the output's text: equals, contains, icontains, contains-any, contains-all,
-starts-with, regex (their not- variants are inverted by the registry) and levenshtein."""
+icontains-any, icontains-all, starts-with, regex (their not- variants are inverted by the
+registry) and levenshtein."""
 
 from __future__ import annotations
 
@@ -77,6 +78,26 @@ def check_contains_all(value: list[str], ctx: Context) -> Result:
     if not missing:
         return binary(True, f"output contains all of {show(value)}")
     return binary(False, f"output is missing {show(missing)}; output: {quote(ctx.output)}")
+
+
+def check_icontains_any(value: list[str], ctx: Context) -> Result:
+    output = ctx.output.casefold()
+    found = [item for item in value if item.casefold() in output]
+    if found:
+        return binary(True, f"output contains {quote(found[0])} (ignoring case)")
+    return binary(
+        False, f"output contains none of {show(value)} (ignoring case); output: {quote(ctx.output)}"
+    )
+
+
+def check_icontains_all(value: list[str], ctx: Context) -> Result:
+    output = ctx.output.casefold()
+    missing = [item for item in value if item.casefold() not in output]
+    if not missing:
+        return binary(True, f"output contains all of {show(value)} (ignoring case)")
+    return binary(
+        False, f"output is missing {show(missing)} (ignoring case); output: {quote(ctx.output)}"
+    )
 
 
 def check_regex(value: str, ctx: Context) -> Result:

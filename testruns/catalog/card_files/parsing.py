@@ -57,6 +57,47 @@ def _plain(value: Any, where: str, budget: list[int], depth: int = 0) -> Any:
     raise ValueError(f"{where}: a {type(value).__name__} value cannot be stored; quote it")
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """YAML read as promptfoo (js-yaml) reads it, closer to YAML 1.2 than PyYAML's 1.1: only
+    true/false are booleans (`Yes`, `no`, `on` stay text), `1:30` is text, not a number of
+    minutes, and `010` is ten. Dates stay dates (stored as their ISO text)."""
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, regexp) for tag, regexp in resolvers if not tag.endswith((":bool", ":int", ":float"))
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _first in [
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    (
+        "float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+0123456789.",
+    ),
+]:
+    Yaml12Loader.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first)
+    )
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    return int(text, 16) if text.startswith("0x") else int(text, 10)
+
+
+Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 -- a SafeLoader subclass
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
@@ -66,7 +107,7 @@ def parse(text: str, suffix: str, filename: str) -> Any:
     try:
         if suffix == ".json":
             return _plain(json.loads(text, parse_constant=_reject_constant), "", [MAX_NODES])
-        return _plain(yaml.safe_load(text), "", [MAX_NODES])
+        return _plain(load_yaml(text), "", [MAX_NODES])
     except json.JSONDecodeError as exc:
         raise fail(filename, f"line {exc.lineno}, column {exc.colno}", exc.msg) from exc
     except yaml.MarkedYAMLError as exc:

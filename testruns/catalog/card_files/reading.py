@@ -20,6 +20,7 @@ class CaseSpec:
     fields: dict[str, Any]
     assert_where: list[str]  # where each assertion came from, defaultTest's included
     field_where: dict[str, str]
+    prompts: list[str] | None = None  # promptfoo's test-level `prompts`: only these prompts
 
 
 @dataclass
@@ -34,12 +35,15 @@ class CardSpec:
 
 @dataclass
 class Defaults:
-    """promptfoo's defaultTest: its assertions come first in every test; its vars fill gaps."""
+    """promptfoo's defaultTest: its assertions come first in every test; its vars, options
+    and metadata fill gaps."""
 
     variables: dict[str, Any] = field(default_factory=dict)
     assertions: list[Any] = field(default_factory=list)
     assert_where: list[str] = field(default_factory=list)
     threshold: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def at(where: str, step: str | int) -> str:
@@ -54,13 +58,25 @@ def kind_of(value: Any) -> str:
 
 
 class Reader:
-    """Turns parsed content into specs, collecting every problem with its place."""
+    """Turns parsed content into specs, collecting every problem with its place, and every
+    part of the file it did not take (`skipped`: listed in the report, refused by --strict).
+    The readers of the files a config refers to share its lists."""
 
-    def __init__(self, filename: str):
-        self.filename, self.errors = filename, []
+    def __init__(
+        self, filename: str, errors: list[str] | None = None, skipped: list[str] | None = None
+    ):
+        self.filename = filename
+        self.errors = [] if errors is None else errors
+        self.skipped = [] if skipped is None else skipped
 
     def add(self, where: str, message: str) -> None:
         self.errors.extend(fail(self.filename, where, message).errors)
+
+    def skip(self, where: str, message: str) -> None:
+        self.skipped.extend(fail(self.filename, where, message).errors)
+
+    def child(self, filename: str) -> Reader:
+        return Reader(filename, self.errors, self.skipped)
 
     def stop_if_any(self) -> None:
         if self.errors:

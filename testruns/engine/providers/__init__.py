@@ -19,7 +19,8 @@ The modules, each imported by its full name (callers use only what this one expo
 - transport: BoundedTransport (the size and time bound on an answer), the HTTP client, proxies;
 - keys: the API key, read at call time, and its redaction;
 - vendor_http: what the two HTTP kinds share (answer checks, SDK errors to ProviderErrors);
-- openai_compatible, anthropic_messages, command, simulator: one kind each.
+- openai_compatible, anthropic_messages, command, simulator: one kind each;
+- embeddings: vectors for the `similar` assertions (OpenAI-compatible, or simulated).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from testruns.engine.providers.anthropic_messages import call_anthropic
 from testruns.engine.providers.command import call_command
 from testruns.engine.providers.completion import Completion, Kind, ProviderError, cost_of
+from testruns.engine.providers.embeddings import Embeddings, embed, hashed_bag_of_words
 from testruns.engine.providers.openai_compatible import call_openai
 from testruns.engine.providers.simulator import simulate
 from testruns.engine.providers.transport import STREAM_GRACE_SECONDS
@@ -38,10 +40,13 @@ from testruns.models import Provider
 __all__ = [
     "STREAM_GRACE_SECONDS",
     "Completion",
+    "Embeddings",
     "Kind",
     "ProviderError",
     "complete",
     "cost_of",
+    "embed",
+    "hashed_bag_of_words",
     "test_connection",
 ]
 
