@@ -26,6 +26,7 @@ from testruns.models.gate import (
     WorkerHeartbeat,
     provider_semaphore,
 )
+from testruns.models.reviews import Review
 from testruns.models.runs import ResponseCache, TestResult, TestRun
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "PromptVersion",
     "Provider",
     "ResponseCache",
+    "Review",
     "Semaphore",
     "TestCase",
     "TestResult",

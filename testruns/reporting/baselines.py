@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.db import connection
+from django.db.models import QuerySet
 
 from testruns.live.snapshots import COMPLETED_RUNS
 from testruns.models import TestRun
@@ -17,7 +18,11 @@ from testruns.reporting.statistics import EVALUATED
 def baseline_for(user, run: TestRun) -> TestRun | None:
     """The card's pinned baseline, else the previous completed run of the same card and
     provider; only among runs the user may see."""
-    visible = runs_visible_to(user)
+    return baseline_among(runs_visible_to(user), run)
+
+
+def baseline_among(visible: QuerySet[TestRun], run: TestRun) -> TestRun | None:
+    """baseline_for among `visible` (the CLI, run by an operator, sees every run)."""
     pinned = run.card.baseline_run_id
     if pinned and pinned != run.pk:
         baseline = visible.filter(pk=pinned).first()
