@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from testruns.web import comparing, reference, schedules, versions, views
+from testruns.web import comparing, reference, reviews, schedules, versions, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -23,6 +23,10 @@ urlpatterns = [
     path("runs/<int:pk>/report.csv", views.report_csv, name="report-csv"),
     path("runs/<int:pk>/report.json", views.report_json, name="report-json"),
     path("runs/<int:pk>/junit.xml", views.report_junit, name="report-junit"),
+    path("runs/<int:pk>/review/", reviews.mark_run, name="review-run"),
+    path("reviews/", reviews.review_queue, name="review-queue"),
+    path("reviews/next/", reviews.next_review, name="review-next"),
+    path("reviews/<int:pk>/", reviews.review, name="review"),
     path("compare/", comparing.compare, name="compare"),
     path("schedules/", schedules.schedule_list, name="schedules"),
     path("schedules/new/", schedules.schedule_edit, name="schedule-new"),

@@ -252,3 +252,52 @@ def test_the_failing_cases_table_shows_the_first_reason_and_says_how_many_more(
         )
         == []
     )
+
+
+def finished_baseline(card, provider, passes: int, trials: int) -> TestRun:
+    """A finished run of `card` on `provider` whose one case passed `passes` of `trials`
+    repeats: the baseline of the next run."""
+    run = TestRun.objects.create(
+        card=card, version=card.versions.get(), provider=provider, status="failed",
+        phase="done", total_cases=1, done_count=1, repeats=trials,
+    )  # fmt: skip
+    case = card.cases.get()
+    TestResult.objects.create(
+        run=run, case=case, case_name=case.name, position=0,
+        status="passed" if passes == trials else "failed", repeat_passes=passes,
+        repeat_results=[{"passed": n < passes, "output": "x"} for n in range(trials)],
+    )  # fmt: skip
+    TestRun.objects.filter(pk=run.pk).update(finished_at=run.queued_at)
+    return run
+
+
+@pytest.mark.parametrize(
+    ("baseline_passes", "failing_calls", "exit_code"),
+    [(10, 8, 1), (9, 2, 0)],
+    ids=["10-of-10-to-2-of-10-is-a-regression", "9-of-10-to-8-of-10-is-a-wobble"],
+)
+def test_fail_on_regression_exits_non_zero_on_a_regression_only(
+    process_env, worker_factory, fake_openai, fake_llm, make_card,
+    baseline_passes, failing_calls, exit_code,
+):  # fmt: skip
+    card = make_card("noisy", cases=1)
+    finished_baseline(card, fake_openai, baseline_passes, 10)
+    answers = iter(["nothing"] * failing_calls + ["N0"] * (10 - failing_calls))
+    fake_llm.reply_with(lambda prompt: next(answers))
+    worker_factory(processes=1, threads=1)
+
+    result = run_card(
+        process_env, "noisy", "-p", "fake-openai", "--repeats", "10", "--wait",
+        "--fail-on", "regression",
+    )  # fmt: skip
+
+    assert result.returncode == exit_code, result.stdout + result.stderr
+    run = TestRun.objects.latest("pk")
+    assert run.status == "failed"  # pass^10 failed either way: the pass rate alone would fail
+    if exit_code:
+        assert "regressed on case 0: 10/10 -> 2/10 passed" in result.stderr
+        assert result.stdout.rstrip().endswith(
+            f"regression against the baseline: run #{run.pk}: FAIL"
+        )
+    else:
+        assert result.stdout.rstrip().endswith("regression against the baseline: none: PASS")

@@ -104,9 +104,11 @@ def priced_simulator(simulator) -> Provider:
 
 @pytest.fixture
 def regression(make_card, priced_simulator):
-    """A card whose second run fails the case that passed in the first (its baseline)."""
+    """A card whose second run fails the case that passed in the first (its baseline), each
+    run asking 10 times per case: 10 of 10 passes falling to none is a regression that chance
+    does not explain (one pass turning into one failure would be too little evidence)."""
     card = make_card(cases=3)
-    run_in_this_thread(launching.launch_run(card=card, provider=priced_simulator))
+    run_in_this_thread(launching.launch_run(card=card, provider=priced_simulator, repeats=10))
     TestCase.objects.filter(card=card, name="case 1").update(
         assertions=[{"type": "contains", "value": "never in the answer"}]
     )
@@ -114,7 +116,7 @@ def regression(make_card, priced_simulator):
 
 
 def run_again(card, provider) -> TestRun:
-    run = run_in_this_thread(launching.launch_run(card=card, provider=provider))
+    run = run_in_this_thread(launching.launch_run(card=card, provider=provider, repeats=10))
     assert run.status == "failed"
     return run
 
@@ -240,6 +242,31 @@ def test_an_email_notice_of_a_regression_goes_through_djangos_mail(
     assert "Regressed: case 1\n" in message.body
     assert f"Report: https://cards.example.com/runs/{run.pk}/report/" in message.body
     assert counter("notifications_sent", channel="email") == 1
+
+
+@pytest.mark.django_db
+def test_one_pass_turning_into_one_failure_is_no_regression_to_notify(
+    receiver, make_card, simulator
+):
+    """The notices use the verdict that knows noise (reporting.verdicts): with one answer per
+    case, a case that passed and now fails is too little evidence to call a regression."""
+    card = make_card(cases=3)
+    run_in_this_thread(launching.launch_run(card=card, provider=simulator))
+    TestCase.objects.filter(card=card, name="case 1").update(
+        assertions=[{"type": "contains", "value": "never in the answer"}]
+    )
+    rule = rule_for(card, channel="slack", url=receiver.url, on_failure=False, on_error=False)
+    run = run_again_once(card, simulator)
+    delivery = NotificationDelivery.objects.get(rule=rule, run=run)
+
+    assert delivering.deliver(delivery.pk) == "skipped"
+    assert receiver.requests == []
+
+
+def run_again_once(card, provider) -> TestRun:
+    run = run_in_this_thread(launching.launch_run(card=card, provider=provider))
+    assert run.status == "failed"
+    return run
 
 
 @pytest.mark.django_db

@@ -472,7 +472,7 @@ def test_report_pages_its_case_table_and_filters_by_status(client, launcher, mak
     client.force_login(launcher)
     assert len(client.get(reverse("report", args=[run.pk])).context["rows"]) == 50
     failed = client.get(reverse("report", args=[run.pk]), {"status": "failed"})
-    assert [r.position for r, _, _ in failed.context["rows"]] == list(range(55, 60))
+    assert [row.result.position for row in failed.context["rows"]] == list(range(55, 60))
 
 
 def test_side_by_side_shows_runs_as_columns_and_can_show_differences_only(

@@ -260,7 +260,7 @@ def test_report_counts_every_change_and_marks_those_on_the_page(
     changes = response.context["changes"]
     assert (changes["regression_count"], changes["fix_count"]) == (60, 2)
     assert len(changes["regressions"]) == 50 and changes["regressions"][0].position == 60
-    marks = {result.position: mark for result, mark, _ in response.context["rows"]}
+    marks = {result.position: mark for result, mark, _, _ in response.context["rows"]}
     assert {p for p, mark in marks.items() if mark == "regression"} == set(range(60, 100))
     assert "60 regressions" in response.content.decode()
 
@@ -290,7 +290,7 @@ def csv_as_before(run: TestRun) -> bytes:
         values = (
             r.position + 1, r.case_name, r.status, r.score, r.latency_ms, r.tokens_in,
             r.tokens_out, r.cost, r.attempts, r.retries, r.cached, assertions, r.error, r.output,
-            json.dumps(r.variables, ensure_ascii=False),
+            json.dumps(r.variables, ensure_ascii=False), "", "",
         )  # fmt: skip
         writer.writerow([run_csv._cell(v) for v in values])
     return buffer.getvalue().encode()
@@ -301,6 +301,7 @@ def json_as_before(run: TestRun) -> bytes:
     document = formats.run_summary(run) | {
         "results": [
             {field: formats._plain(getattr(r, field)) for field in formats.RESULT_FIELDS}
+            | {"review": None}
             for r in run.results.order_by("position")
         ]
     }

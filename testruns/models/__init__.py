@@ -32,6 +32,7 @@ from testruns.models.notifications import (
     NotificationDelivery,
     NotificationRule,
 )
+from testruns.models.reviews import Review
 from testruns.models.runs import ResponseCache, TestResult, TestRun
 from testruns.models.schedules import Schedule, ScheduleLaunch
 
@@ -53,6 +54,7 @@ __all__ = [
     "ResponseCache",
     "Schedule",
     "ScheduleLaunch",
+    "Review",
     "Semaphore",
     "TestCase",
     "TestResult",

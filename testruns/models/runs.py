@@ -235,6 +235,7 @@ class TestResult(models.Model):
 
     class Meta:
         ordering = ["run", "position"]
+        permissions = [("review_result", "Can review results: confirm or override verdicts")]
         constraints = [
             models.UniqueConstraint(fields=["run", "case"], name="one_result_per_run_case"),
             models.UniqueConstraint(fields=["run", "position"], name="one_result_per_position"),

@@ -22,7 +22,8 @@ def baseline_for(user, run: TestRun) -> TestRun | None:
 
 
 def baseline_among(visible: QuerySet[TestRun], run: TestRun) -> TestRun | None:
-    """baseline_for among `visible` (all runs, for a notification nobody is looking at)."""
+    """baseline_for among `visible`: all runs for a notification nobody is looking at, or for
+    the CLI, run by an operator."""
     pinned = run.card.baseline_run_id
     if pinned and pinned != run.pk:
         baseline = visible.filter(pk=pinned).first()

@@ -175,15 +175,29 @@ def run_summary(run: TestRun) -> dict:
             "cost": _plain(run.cost),
         },
         "statistics": stats,
+        "reviewed": statistics.reviewed_pass_rate(run),
     }
+
+
+# A result's review as exports carry it (None when it was never sent to review).
+REVIEW_FIELDS = {
+    "review__verdict": "verdict",
+    "review__note": "note",
+    "review__reviewer__username": "reviewer",
+    "review__reviewed_at": "reviewed_at",
+    "review__reason": "reason",
+}
 
 
 def results_json(run: TestRun) -> Iterator[dict]:
     """The run's results as JSON-ready dicts of RESULT_FIELDS, in case order, read a chunk at
-    a time as plain values (building a model instance per row took half the time)."""
-    rows = run.results.order_by("position").values(*RESULT_FIELDS)
+    a time as plain values (building a model instance per row took half the time); each with
+    its review beside the automatic verdict (`status`), never in its place."""
+    rows = run.results.order_by("position").values(*RESULT_FIELDS, *REVIEW_FIELDS)
     for row in rows.iterator(chunk_size=500):
-        yield {field: _plain(value) for field, value in row.items()}
+        review = {name: _plain(row.pop(field)) for field, name in REVIEW_FIELDS.items()}
+        plain = {field: _plain(value) for field, value in row.items()}
+        yield plain | {"review": review if review["reason"] else None}
 
 
 def run_json(run: TestRun) -> dict:

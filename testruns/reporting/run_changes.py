@@ -1,10 +1,11 @@
 """What changed in a finished run against its baseline, in one function (`what_changed`), so
-that notifications, and whatever else tells people about a run, agree on it, and the rule for
-"regressed" can be replaced here alone (noise-aware verdicts, issue 16).
+that notifications, and whatever else tells people about a run, agree on it.
 
-Today's rule is the report's: a case regressed when it passed in the baseline (the card's
-pinned run, else the previous completed run of the card on the provider) and does not pass
-now; a fix is the reverse. Pass rates are the one definition (reporting.statistics).
+"Regressed" is the verdict that knows noise (reporting.verdicts, docs/statistics.md): a case
+regressed when its pass rate fell from the baseline's (the card's pinned run, else the
+previous completed run of the card on the provider) by more than chance explains, and it is
+not flaky; "fixed" is an improvement as sure. A case that merely flipped once, with too few
+trials to tell, is neither. Pass rates are the one definition (reporting.statistics).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from testruns.models import TestRun
-from testruns.reporting.baselines import baseline_among, changes_since
+from testruns.reporting.baselines import baseline_among
 from testruns.reporting.statistics import pass_rate
+from testruns.reporting.verdicts import run_verdict
 
 # How many regressed and fixed cases a notice names (it counts them all).
 NAMED_CASES = 20
@@ -51,14 +53,14 @@ def what_changed(run: TestRun, *, named: int = NAMED_CASES) -> RunChanges:
         return RunChanges(
             run=run, baseline=None, pass_rate_after=run_pass_rate(run), cost_after=run.cost
         )
-    changes = changes_since(baseline, run, limit=named)
+    verdict = run_verdict(baseline, run)
     return RunChanges(
         run=run,
         baseline=baseline,
-        regressed=[change.case_name for change in changes["regressions"]],
-        regression_count=changes["regression_count"],
-        fixed=[change.case_name for change in changes["fixes"]],
-        fix_count=changes["fix_count"],
+        regressed=[case.case_name for case in verdict.regressions[:named]],
+        regression_count=len(verdict.regressions),
+        fixed=[case.case_name for case in verdict.improvements[:named]],
+        fix_count=len(verdict.improvements),
         pass_rate_before=run_pass_rate(baseline),
         pass_rate_after=run_pass_rate(run),
         cost_before=baseline.cost,

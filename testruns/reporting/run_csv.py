@@ -26,12 +26,15 @@ CSV_COLUMNS = [
     "error",
     "output",
     "variables",
+    "review_verdict",
+    "review_note",
 ]
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 # The result's fields behind CSV_COLUMNS, in their order.
 SOURCE_FIELDS = (
     "position", "case_name", "status", "score", "latency_ms", "tokens_in", "tokens_out", "cost",
     "attempts", "retries", "cached", "assertion_results", "error", "output", "variables",
+    "review__verdict", "review__note",
 )  # fmt: skip
 
 
@@ -61,7 +64,8 @@ def csv_rows(run: TestRun) -> Iterator[str]:
     rows = run.results.order_by("position").values_list(*SOURCE_FIELDS)
     for (
         position, name, status, score, latency_ms, tokens_in, tokens_out, cost, attempts,
-        retries, cached, assertion_results, error, output, variables,
+        retries, cached, assertion_results, error, output, variables, review_verdict,
+        review_note,
     ) in rows.iterator(chunk_size=500):  # fmt: skip
         yield writer.writerow(
             [
@@ -83,6 +87,8 @@ def csv_rows(run: TestRun) -> Iterator[str]:
                     error,
                     output,
                     json.dumps(variables, ensure_ascii=False),
+                    review_verdict or "",  # a person's verdict, beside the automatic status
+                    review_note or "",
                 )
             ]
         )

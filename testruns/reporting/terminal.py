@@ -11,7 +11,9 @@ from django.urls import reverse
 
 from testruns.models import TestResult, TestRun
 from testruns.reporting import formats
+from testruns.reporting.baselines import baseline_among
 from testruns.reporting.statistics import pass_rate
+from testruns.reporting.verdicts import RunVerdict, run_verdict
 
 BAR_WIDTH = 20
 # The failing-cases table: enough rows to see a pattern, a line each, the rest in the report.
@@ -103,3 +105,19 @@ def progress_text(run: TestRun, position: int | None) -> str:
         f"run #{run.pk} [{bar}] {run.done_count}/{run.total_cases} done{calls}, "
         f"{run.passed_count} passed, {run.failed_count} failed, {run.error_count} error"
     )
+
+
+def regressions(run: TestRun) -> tuple[bool, list[str]]:
+    """Whether the run regressed against its baseline beyond what chance explains
+    (reporting.verdicts), and a line per case that did. A run without a baseline (its
+    card's first) cannot regress. An operator's command sees every run."""
+    baseline = baseline_among(TestRun.objects.all(), run)
+    if baseline is None or not run.is_finished:
+        return False, []
+    verdict = run_verdict(baseline, run)
+    lines = [
+        f"  run #{run.pk} regressed on {case.case_name}: {case.before[0]}/{case.before[1]} "
+        f"-> {case.after[0]}/{case.after[1]} passed (p = {case.p_value:.4f})"
+        for case in verdict.regressions
+    ]
+    return verdict.verdict == RunVerdict.REGRESSION, lines

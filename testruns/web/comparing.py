@@ -12,6 +12,7 @@ from django.views.decorators.http import require_GET
 from testruns.models import TestRun
 from testruns.reporting.access import runs_visible_to
 from testruns.reporting.comparison import fill_cells, paginate, prompt_changes, side_by_side
+from testruns.reporting.verdicts import Verdict, run_verdict
 
 COMPARE_PAGE_SIZE = 50
 MAX_COMPARED_RUNS = 8
@@ -62,6 +63,7 @@ def _compare_page(request, runs: list[TestRun], *, group) -> HttpResponse:
     rows = side_by_side(runs, differences_only=differences_only)
     page = paginate(rows, request.GET.get("page"), COMPARE_PAGE_SIZE)
     fill_cells(runs, list(page))
+    verdicts = verdicts_against_the_first(runs, list(page))
     query = request.GET.copy()
     query.pop("page", None)
     cards = list(dict.fromkeys(run.card_id for run in runs))
@@ -77,7 +79,27 @@ def _compare_page(request, runs: list[TestRun], *, group) -> HttpResponse:
             "run_ids": ",".join(str(run.pk) for run in runs),
             "self_url": reverse("comparison", args=[group]) if group else reverse("compare"),
             "prompt_changes": prompt_changes(runs),
+            "heads": list(zip(runs, verdicts, strict=True)),
             # Where to pick (other) runs: the card's runs when they are all of one card.
             "pick_url": reverse("history") + (f"?card={cards[0]}" if len(cards) == 1 else ""),
         },
     )
+
+
+def verdicts_against_the_first(runs: list[TestRun], rows: list[dict]) -> list[Verdict | None]:
+    """Each finished run's verdict against the first one (reporting.verdicts: what chance
+    does not explain), None for the first and for runs still going; each row's column gets
+    its case's verdict (`column["verdict"]`)."""
+    verdicts: list[Verdict | None] = [None] * len(runs)
+    if not runs or not runs[0].is_finished:
+        return verdicts
+    for i, run in enumerate(runs[1:], start=1):
+        if not run.is_finished:
+            continue
+        positions = [row["cells"][i].position for row in rows if row["cells"][i] is not None]
+        verdicts[i] = run_verdict(runs[0], run, positions=positions)
+        by_key = verdicts[i].by_key()
+        for row in rows:
+            if row["columns"][i]:
+                row["columns"][i]["verdict"] = by_key.get(row["key"])
+    return verdicts

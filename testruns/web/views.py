@@ -3,7 +3,7 @@ looked up through `get_run_for_user`, so a run the user may not see is a 404."""
 
 from __future__ import annotations
 
-import json
+from typing import NamedTuple
 
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
@@ -19,15 +19,18 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from testruns.catalog import cards
-from testruns.catalog.prompts import render_prompt
 from testruns.engine import launching, scheduling
 from testruns.live import snapshots
-from testruns.models import PromptCard, TestRun
+from testruns.models import PromptCard, TestResult, TestRun
 from testruns.reporting import run_csv
 from testruns.reporting.access import can_cancel, get_run_for_user, runs_visible_to
 from testruns.reporting.baselines import baseline_for, changes_since
+from testruns.reporting.case_detail import case_detail
 from testruns.reporting.formats import junit_xml, run_json_text
 from testruns.reporting.history import card_trends, filter_runs, run_statistics
+from testruns.reporting.statistics import reviewed_pass_rate
+from testruns.reporting.verdicts import CaseVerdict, run_verdict
+from testruns.reviewing import queue
 from testruns.web.downloads import download
 from testruns.web.forms import (
     HistoryFilterForm,
@@ -280,6 +283,13 @@ def trend_chart(points: list[dict], width: int = 560, height: int = 170) -> dict
 # --- Reports -------------------------------------------------------------------------------
 
 
+class ReportRow(NamedTuple):
+    result: TestResult
+    mark: str | None  # "regression" or "fix": the verdict flipped since the baseline
+    detail: dict  # reporting.case_detail
+    verdict: CaseVerdict | None  # the change against the baseline, knowing noise
+
+
 @require_GET
 def report(request, pk) -> HttpResponse:
     run = _run_or_404(request, pk)
@@ -288,14 +298,23 @@ def report(request, pk) -> HttpResponse:
         baseline = get_run_for_user(request.user, request.GET["baseline"])
     baseline = baseline or baseline_for(request.user, run)
     status = request.GET.get("status", "")
-    results = run.results.order_by("position").defer(*REPORT_UNUSED_FIELDS)
+    results = run.results.order_by("position").select_related("review").defer(*REPORT_UNUSED_FIELDS)
     if status:
         results = results.filter(status=status)
     page = Paginator(results, REPORT_PAGE_SIZE).get_page(request.GET.get("page"))
     positions = [result.position for result in page]
     changes = changes_since(baseline, run, positions=positions) if baseline else None
+    verdict = run_verdict(baseline, run, positions=positions) if baseline else None
     marks = changes["marks"] if changes else {}
-    rows = [(result, marks.get(result.position), case_detail(run, result)) for result in page]
+    rows = [
+        ReportRow(
+            result,
+            marks.get(result.position),
+            case_detail(run, result),
+            verdict.by_position.get(result.position) if verdict else None,
+        )
+        for result in page
+    ]
     return render(
         request,
         "testruns/report.html",
@@ -305,6 +324,9 @@ def report(request, pk) -> HttpResponse:
             "baseline": baseline,
             "baseline_stats": run_statistics(baseline) if baseline else None,
             "changes": changes,
+            "verdict": verdict,
+            "reviewed": reviewed_pass_rate(run),
+            "can_review": request.user.has_perm(queue.PERMISSION),
             "page": page,
             "rows": rows,
             "status": status,
@@ -312,21 +334,6 @@ def report(request, pk) -> HttpResponse:
             "can_pin": request.user.has_perm("testruns.change_promptcard"),
         },
     )
-
-
-def case_detail(run: TestRun, result) -> dict:
-    """What a case's detail shows beyond its row: the system prompt rendered with the case's
-    variables (the result keeps the rendered prompt only), the variables as JSON, and its
-    calls to the model apart from the retries they took."""
-    try:
-        system = render_prompt(run.version.system_prompt, result.variables or {})
-    except Exception as exc:  # a template error is the case's, shown where it belongs
-        system = f"(the system prompt could not be rendered: {exc})"
-    return {
-        "system_prompt": system,
-        "variables": json.dumps(result.variables, indent=2, ensure_ascii=False),
-        "calls": max(0, result.attempts - result.retries),
-    }
 
 
 @require_POST

@@ -3,7 +3,8 @@
 Queues one run per provider through the same gate as the pages and the API, and with --wait
 follows them (a progress line on stderr), writes JUnit XML and JSON reports, prints per run
 a summary, a short table of its failing cases with their first reason and its report's URL,
-and exits 0 only when the pass rate reaches --fail-under. Exit codes: 0 pass, 1 below the bar
+and exits 0 only when the pass rate reaches --fail-under (or, with --fail-on regression,
+when no run regressed against its baseline beyond chance). Exit codes: 0 pass, 1 below the bar
 (or --timeout), 2 bad arguments, 75 queue full (try again later), 130 Ctrl-C and 143 SIGTERM
 (both cancel the runs first).
 
@@ -32,7 +33,7 @@ from testruns.catalog import lookup
 from testruns.engine import launching, run_settings
 from testruns.live import snapshots
 from testruns.models import PromptCard, Provider, TestRun
-from testruns.reporting import formats
+from testruns.reporting import formats, terminal
 from testruns.reporting.terminal import (
     failing_cases_table,
     live_url,
@@ -108,6 +109,14 @@ class Command(BaseCommand):
             default=100.0,
             metavar="PCT",
             help="Lowest pass rate, in percent, that exits 0 (default 100).",
+        )
+        parser.add_argument(
+            "--fail-on",
+            choices=["pass-rate", "regression"],
+            default="pass-rate",
+            help="What exits non-zero: a pass rate below --fail-under (default), or a "
+            "regression against each run's baseline that chance does not explain "
+            "(docs/statistics.md); a run without a baseline cannot regress.",
         )
         parser.add_argument(
             "--timeout",
@@ -215,10 +224,24 @@ class Command(BaseCommand):
                 self.stdout.write(line)
             self.stdout.write(f"  report: {report_url(run)}")
         percent = 100 * rate if rate is not None else 0.0
-        verdict = "PASS" if percent >= options["fail_under"] else "FAIL"
-        self.stdout.write(
-            f"pass rate {percent:.1f}% (at least {options['fail_under']:g}% needed): {verdict}"
-        )
+        if options["fail_on"] == "regression":
+            regressed = []
+            for run in finished:
+                found, lines = terminal.regressions(run)
+                regressed += [run] if found else []
+                for line in lines:
+                    self.stderr.write(line)
+            verdict = "FAIL" if regressed else "PASS"
+            self.stdout.write(
+                f"pass rate {percent:.1f}%; regression against the baseline: "
+                + (", ".join(f"run #{run.pk}" for run in regressed) or "none")
+                + f": {verdict}"
+            )
+        else:
+            verdict = "PASS" if percent >= options["fail_under"] else "FAIL"
+            self.stdout.write(
+                f"pass rate {percent:.1f}% (at least {options['fail_under']:g}% needed): {verdict}"
+            )
         if reason is not None:
             return watcher.exit_code or 1
         return 0 if verdict == "PASS" else 1
