@@ -5,10 +5,12 @@ embeddings through the fake vendor's /v1/embeddings, and the model-graded types.
 from __future__ import annotations
 
 import json
+import threading
 
+import psutil
 import pytest
 
-from testruns.catalog.assertions import assertion_errors, check_assertion
+from testruns.catalog.assertions import assertion_errors, check_assertion, sandbox
 from testruns.engine import launching
 from testruns.models import PromptCard, Provider, TestCase, TestResult, TestRun
 from tests.conftest import run_in_this_thread, wait_for
@@ -16,6 +18,8 @@ from tests.conftest import run_in_this_thread, wait_for
 ENDLESS = "let n = 0;\nwhile (true) { n++; }"
 HUGE = "const chunks = [];\nwhile (true) { chunks.push(new Array(1e6).fill(n => n)); }"
 ABORTS_V8 = "new Array(2 ** 30).fill(0).length > 0"
+# Typed arrays live outside V8's heap, beyond its own limit: the helper's memory cap stops them.
+BUFFERS = "const chunks = [];\nwhile (true) { chunks.push(new Uint8Array(1 << 26).fill(1)); }"
 
 
 def reason(spec: dict, output: str = "Paris is sunny", **kwargs) -> str:
@@ -53,6 +57,7 @@ def test_javascript_expressions_bodies_scores_and_results():
         ("process.exit(1)", "process.exit is not available"),
         (ENDLESS, "the code ran longer than the time limit of 1000 ms; it was stopped"),
         (HUGE, "the code used more than the memory limit of 64 MB"),
+        (BUFFERS, "RangeError: Array buffer allocation failed"),
         ("Promise.resolve(true)", "the code returned a Promise"),
         ("'text'", "must return a boolean, a number or {pass, score, reason}"),
     ],
@@ -69,6 +74,35 @@ def test_a_crash_of_v8_itself_is_a_failed_assertion_and_the_next_call_works():
 
     assert not crashed.passed
     assert "memory" in crashed.reason or "time limit" in crashed.reason
+    assert check_assertion({"type": "javascript", "value": "true"}, output="x").passed
+
+
+def test_a_helper_killed_mid_call_fails_that_assertion_and_the_next_call_gets_a_new_one(
+    monkeypatch,
+):
+    monkeypatch.setattr(sandbox, "TIME_LIMIT_MS", 20_000)  # killed long before its limit
+    outcome: list = []
+    call = threading.Thread(
+        target=lambda: outcome.append(
+            check_assertion({"type": "javascript", "value": ENDLESS}, output="x")
+        )
+    )
+    call.start()
+
+    def busy_helper() -> list[psutil.Process]:
+        """The helper taken for the call: a sandbox process that is no longer idle."""
+        idle = {helper.process.pid for helper in sandbox._idle}
+        return [
+            child
+            for child in psutil.Process().children()
+            if child.pid not in idle and "sandbox_child.py" in " ".join(child.cmdline())
+        ]
+
+    wait_for(busy_helper, what="the helper running the call")[0].kill()  # as the OOM killer
+    call.join(timeout=30)
+
+    assert not outcome[0].passed
+    assert "the JavaScript sandbox stopped unexpectedly" in outcome[0].reason
     assert check_assertion({"type": "javascript", "value": "true"}, output="x").passed
 
 

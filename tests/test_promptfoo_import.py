@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.urls import reverse
+from rest_framework.test import APIClient
 
 from testruns.catalog.card_files import CardFileError, ProjectFiles, import_cards, import_project
 from testruns.models import PromptCard, Provider, TestCase
@@ -254,7 +256,6 @@ def root(django_user_model):
 
 @pytest.mark.django_db
 def test_the_api_takes_a_zip_upload_with_its_flags_and_exports_a_promptfoo_zip(root, tmp_path):
-    from rest_framework.test import APIClient
 
     api = APIClient()
     api.force_authenticate(root)
@@ -288,7 +289,6 @@ def test_the_api_takes_a_zip_upload_with_its_flags_and_exports_a_promptfoo_zip(r
 
 @pytest.mark.django_db
 def test_the_admin_imports_a_zip_lists_what_it_left_out_and_exports_for_promptfoo(client, root):
-    from django.urls import reverse
 
     client.force_login(root)
     upload = io.BytesIO(zipped(TRAVEL))

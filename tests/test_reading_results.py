@@ -116,6 +116,7 @@ def test_the_report_shows_a_cases_detail(fake_llm, provider, make_card, client, 
     assert "Hello &lt;b&gt;N0&lt;/b&gt;" in detail and "<b>N0</b>" not in detail
     assert "2 model calls, 1 retry" in detail
     assert "Repeat 1 ✓" in page and "Repeat 2 ✗" in page
+    assert "1/2 passed, 0.09–0.91" in page  # its pass rate over the repeats, with its interval
     assert 'data-copy="output"' in detail  # the output can be copied whole
     assert TestRun.objects.get(pk=run.pk).status == "failed"
 

@@ -81,7 +81,16 @@ class ScheduleAdmin(admin.ModelAdmin):
     def get_changeform_initial_data(self, request) -> dict:
         return {"owner": request.user.pk, **super().get_changeform_initial_data(request)}
 
+    def get_readonly_fields(self, request, obj=None) -> list[str]:
+        # A schedule's runs are launched as its owner: only a superuser may make them someone
+        # else's; anyone else's schedule is their own.
+        if request.user.is_superuser:
+            return self.readonly_fields
+        return [*self.readonly_fields, "owner"]
+
     def save_model(self, request, obj, form, change) -> None:
+        if not request.user.is_superuser and (not change or obj.owner_id is None):
+            obj.owner = request.user
         scheduling.save_schedule(obj)  # the providers follow in save_related
 
     @admin.display(description="runs")

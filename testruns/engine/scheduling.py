@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Q, QuerySet
 from django.db.models.functions import Now
 
@@ -144,6 +144,13 @@ def _launch(schedule: Schedule, launch: ScheduleLaunch) -> list[TestRun]:
     except (launching.LaunchError, ValidationError) as exc:
         launch.error = "; ".join(getattr(exc, "messages", None) or [str(exc)])
         log.warning("schedule %s could not launch: %s", schedule.pk, launch.error)
+    except (OperationalError, InterfaceError):
+        raise  # the database went away: the whole tick is rolled back and tried again
+    except Exception as exc:
+        # Anything else is this schedule's: recorded on its launch, and its next due time
+        # still moves on, so one broken schedule cannot stall the ones due after it.
+        log.exception("schedule %s could not launch", schedule.pk)
+        launch.error = f"unexpected error: {type(exc).__name__}: {exc}"[:1000]
     launch.run_count = len(runs)
     launch.save(update_fields=["error", "run_count"])
     counters.add("schedule_launches", {"outcome": "launched" if runs else "refused"})

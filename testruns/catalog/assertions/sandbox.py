@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import resource
 import select
 import subprocess
 import sys
@@ -26,6 +27,9 @@ from typing import Any
 
 TIME_LIMIT_MS = 1000
 MEMORY_LIMIT_BYTES = 64 * 2**20
+# All of a helper's data memory. V8 reserves about 600 MB of it before any code runs (its
+# heap cage counts, as writable mappings); what is left caps typed arrays at about 200 MB.
+PROCESS_MEMORY_BYTES = 768 * 2**20
 # A helper gets this much longer than its code's own limit to answer (starting V8, encoding
 # the answer), then it is killed.
 GRACE_SECONDS = 2.0
@@ -42,6 +46,14 @@ class SandboxError(Exception):
         self.kind = kind
 
 
+def _limit_memory() -> None:
+    """In the helper, before it starts: its whole data memory (V8's heap, array buffers, the
+    interpreter) is capped, so what V8's own heap limit does not count (typed arrays live
+    outside the heap) cannot take the host's memory either. V8 then refuses the allocation
+    with a RangeError, or the helper dies, which the worker survives."""
+    resource.setrlimit(resource.RLIMIT_DATA, (PROCESS_MEMORY_BYTES, PROCESS_MEMORY_BYTES))
+
+
 class _Helper:
     def __init__(self) -> None:
         # -I: no user site, no PYTHON* variables; env={}: nothing of the server's environment.
@@ -52,6 +64,7 @@ class _Helper:
             stderr=subprocess.PIPE,
             env={},
             close_fds=True,
+            preexec_fn=_limit_memory,
         )
 
     def ask(self, request: dict[str, Any], wait_seconds: float) -> dict[str, Any]:
