@@ -226,6 +226,31 @@ def test_a_slack_notice_names_the_regressed_case_and_the_pass_rates(
 
 
 @pytest.mark.django_db
+def test_a_slack_url_can_stay_in_the_environment_and_out_of_the_database(
+    receiver, regression, priced_simulator, monkeypatch, client, admin_user
+):
+    """An incoming-webhook URL is a secret: named by its variable, it is read on the worker,
+    never stored, and never repeated in the delivery log when the post fails."""
+    rule = rule_for(regression, channel="slack", secret_env="TEAM_SLACK_TOKEN")
+    run = run_again(regression, priced_simulator)
+    delivery = NotificationDelivery.objects.get(rule=rule, run=run)
+
+    assert delivering.deliver(delivery.pk) == "retrying"  # not set on this worker yet
+    delivery.refresh_from_db()
+    assert delivery.last_error == "the variable TEAM_SLACK_TOKEN is not set on this worker"
+
+    monkeypatch.setenv("TEAM_SLACK_TOKEN", receiver.url)
+    assert delivering.deliver(delivery.pk) == "sent"
+    assert json.loads(receiver.requests[0].body)["text"].startswith("Regression: Greeting")
+    client.force_login(admin_user)
+    stored = json.dumps(list(NotificationRule.objects.values()), default=str) + json.dumps(
+        list(NotificationDelivery.objects.values("payload", "last_error")), default=str
+    )
+    page = client.get(f"/admin/testruns/notificationrule/{rule.pk}/change/").content.decode()
+    assert receiver.url not in stored and receiver.url not in page
+
+
+@pytest.mark.django_db
 def test_an_email_notice_of_a_regression_goes_through_djangos_mail(
     regression, priced_simulator, settings
 ):

@@ -49,12 +49,15 @@ class NotificationRule(models.Model):
         max_length=100,
         blank=True,
         help_text="Webhooks: the name of the environment variable (on the worker hosts) that "
-        "holds the shared secret; the body is signed with it in X-PCR-Signature. The "
-        "secret itself is never stored.",
+        "holds the shared secret; the body is signed with it in X-PCR-Signature. Slack: "
+        "the variable that holds the incoming-webhook URL (itself a secret), instead of the "
+        "URL above. The secret itself is never stored.",
     )
     recipients = models.TextField(blank=True, help_text="E-mail: addresses, comma-separated.")
     on_regression = models.BooleanField(
-        default=True, help_text="A case that passed in the baseline does not now."
+        default=True,
+        help_text="A case got worse than its baseline beyond what chance explains "
+        "(docs/statistics.md).",
     )
     on_failure = models.BooleanField(default=True, help_text="The run failed.")
     on_error = models.BooleanField(default=True, help_text="The run ended in an error.")
@@ -107,6 +110,18 @@ class NotificationRule(models.Model):
 
     def _url_errors(self) -> dict[str, str]:
         errors: dict[str, str] = {}
+        if self.channel == self.Channel.SLACK and self.secret_env:
+            # The incoming-webhook URL comes from that variable on the workers.
+            if self.url:
+                errors["url"] = "Give the URL or the variable that holds it, not both."
+            elif not ENV_VAR_NAME.match(self.secret_env):
+                errors["secret_env"] = "Enter the name of an environment variable, not the URL."
+            else:
+                try:
+                    provider_rules.check_key_env_name(self.secret_env)
+                except ValidationError as exc:
+                    errors["secret_env"] = exc.messages[0]
+            return errors
         if not self.url:
             errors["url"] = "Give the URL notices are POSTed to."
         else:

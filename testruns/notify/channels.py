@@ -106,7 +106,22 @@ def send_webhook(rule: NotificationRule, payload: dict) -> Sent:
 
 
 def send_slack(rule: NotificationRule, payload: dict) -> Sent:
-    return post_json(rule.url, body_bytes(messages.slack_body(payload)), {})
+    """To the rule's URL, or, when it names one, to the URL in an environment variable: a
+    Slack incoming-webhook URL is itself a secret (whoever has it may post), so it is better
+    kept out of the database, as provider keys are."""
+    url = rule.url
+    if rule.secret_env:
+        try:
+            provider_rules.check_key_env_name(rule.secret_env)
+        except ValidationError as exc:
+            return Sent(False, error=exc.messages[0])
+        url = os.environ.get(rule.secret_env, "")
+        if not url:
+            return Sent(False, error=f"the variable {rule.secret_env} is not set on this worker")
+    sent = post_json(url, body_bytes(messages.slack_body(payload)), {})
+    if rule.secret_env and sent.error:  # never repeat a secret URL in the delivery log
+        sent = Sent(sent.ok, sent.status_code, sent.error.replace(url, f"${rule.secret_env}"))
+    return sent
 
 
 def send_email(rule: NotificationRule, payload: dict) -> Sent:
