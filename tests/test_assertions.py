@@ -757,3 +757,19 @@ def test_parse_grade_never_raises(answer):
     passed, reason = parse_grade(answer)
 
     assert isinstance(passed, bool) and isinstance(reason, str)
+
+
+@pytest.mark.parametrize("kind", ["json-schema", "contains-json"])
+@pytest.mark.parametrize(
+    "schema",
+    [{"$ref": "#/$defs/missing"}, {"$ref": "#"}],
+    ids=["a-ref-to-nowhere", "a-ref-to-itself"],
+)
+def test_a_schema_that_cannot_be_applied_fails_the_assertion_and_says_why(kind, schema):
+    # Found by hypothesis: valid as a schema, yet it cannot be applied to a document.
+    assert assertion_errors([{"type": kind, "value": schema}]) == []
+
+    outcome = check_assertion({"type": kind, "value": schema}, output='{"a": 1}')
+
+    assert not outcome.passed
+    assert outcome.reason.startswith("the schema could not be applied: ")

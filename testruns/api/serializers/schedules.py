@@ -17,6 +17,7 @@ from testruns.api.serializers.shared import (
 )
 from testruns.engine import scheduling
 from testruns.models import Schedule, ScheduleLaunch
+from testruns.models.schedules import RUN_OPTIONS
 
 MAX_PROVIDERS = 20
 
@@ -59,13 +60,7 @@ class ScheduleSerializer(ModelCleanMixin, serializers.ModelSerializer):
             "cron",
             "time_zone",
             "paused",
-            "priority",
-            "max_concurrent_tests",
-            "timeout_seconds",
-            "stop_on_failure",
-            "max_retries",
-            "use_cache",
-            "repeats",
+            *RUN_OPTIONS,
             "next_due_at",
             "created_at",
             "updated_at",

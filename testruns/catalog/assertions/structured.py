@@ -182,7 +182,11 @@ def check_contains_json(value: Any, ctx: Context) -> Result:
         return binary(True, f"output contains JSON {show(objects[0])}")
     validator = Draft202012Validator(value)
     for doc in objects:
-        if (error := best_match(validator.iter_errors(doc))) is None:
+        try:
+            error = best_match(validator.iter_errors(doc))
+        except (Unresolvable, RecursionError) as exc:  # as in check_json_schema
+            return binary(False, f"the schema could not be applied: {exc}")
+        if error is None:
             return binary(True, f"output contains JSON matching the schema: {show(doc)}")
     return binary(False, f"no JSON object in the output matches the schema: {error.message[:200]}")
 
