@@ -176,10 +176,6 @@ class CaseVerdict:
     flaky: bool = False
 
     @property
-    def interval_before(self) -> tuple[float, float]:
-        return wilson(*self.before)
-
-    @property
     def interval_after(self) -> tuple[float, float]:
         return wilson(*self.after)
 
