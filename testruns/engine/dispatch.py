@@ -11,7 +11,7 @@ import logging
 
 import dramatiq
 from django.db import connection
-from django.db.models import Q
+from django.db.models import Model, Q
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
 
@@ -26,23 +26,31 @@ log = logging.getLogger(__name__)
 CASE_ACTOR = "execute_case"
 
 
-def send_cases(result_ids: list[int]) -> int:
-    execute_case = dramatiq.get_broker().get_actor(CASE_ACTOR)
+def _send_each(actor_name: str, model: type[Model], ids: list[int], what: str, **options) -> int:
+    """One message per id to the actor, by name; the rows sent are marked `dispatched_at`.
+    The first broker failure stops the sending: the rest keep no `dispatched_at`, and the
+    sweeper sends them again once the broker answers."""
+    actor = dramatiq.get_broker().get_actor(actor_name)
     sent = []
-    for result_id in result_ids:
+    for pk in ids:
         try:
-            execute_case.send(result_id)
+            actor.send_with_options(args=(pk,), **options)
         except Exception:
             log.warning(
-                "broker unreachable; %d case(s) will be re-sent by the sweeper",
-                len(result_ids) - len(sent),
+                "broker unreachable; %d %s(s) will be re-sent by the sweeper",
+                len(ids) - len(sent),
+                what,
                 exc_info=True,
             )
             break
-        sent.append(result_id)
+        sent.append(pk)
     if sent:
-        TestResult.objects.filter(pk__in=sent).update(dispatched_at=Now())
+        model.objects.filter(pk__in=sent).update(dispatched_at=Now())
     return len(sent)
+
+
+def send_cases(result_ids: list[int]) -> int:
+    return _send_each(CASE_ACTOR, TestResult, result_ids, "case")
 
 
 def resend_undispatched(min_age_seconds: float = 2.0) -> int:
@@ -73,22 +81,8 @@ REDELIVER_AFTER_SECONDS = 2.0
 def send_deliveries(delivery_ids: list[int], *, delay_ms: int | None = None) -> int:
     """Send notification deliveries to the workers (after the commit that created or retried
     them); `delay_ms` holds a retry back in the broker until its backoff has passed."""
-    deliver = dramatiq.get_broker().get_actor(DELIVERY_ACTOR)
-    sent = []
-    for delivery_id in delivery_ids:
-        try:
-            deliver.send_with_options(args=(delivery_id,), delay=delay_ms)
-        except Exception:
-            log.warning(
-                "broker unreachable; %d notification(s) will be re-sent by the sweeper",
-                len(delivery_ids) - len(sent),
-                exc_info=True,
-            )
-            break
-        sent.append(delivery_id)
-    if sent:
-        NotificationDelivery.objects.filter(pk__in=sent).update(dispatched_at=Now())
-    return len(sent)
+    options = {"delay": delay_ms} if delay_ms else {}
+    return _send_each(DELIVERY_ACTOR, NotificationDelivery, delivery_ids, "notification", **options)
 
 
 # An attempt whose claim ran out (its worker died mid-send) becomes a retry due now.
